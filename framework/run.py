@@ -1,0 +1,279 @@
+"""run(cfg) -> RunResult: load, evaluate the reference, run the stages in order (evaluating
+after each one that changes weights), log, save. No global state: everything a stage needs
+travels in the Context."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from framework.codecs import container_size
+from framework.config import CONF_DIR, build, check_config
+from framework.data import WindowSpec, build_windows
+from framework.errors import ConfigError, SculptError
+from framework.eval import evaluate_causal_lm, evaluate_encoder, measure
+from framework.io import atomic_dir, atomic_write_json, atomic_write_text, folder_bytes
+from framework.models import LoadedModel
+from framework.plugins import Context, Stage, StageResult, flat_metrics
+from framework.progress import make_tracker
+from framework.report import render_report, summary_rows
+from framework.tracking import RunLogger
+
+log = logging.getLogger("sculpt")
+
+
+@dataclass
+class StageRecord:
+    name: str
+    kind: str
+    target: str
+    metrics: dict[str, float] = field(default_factory=dict)  # the stage's own + accounting
+    eval: dict[str, float] = field(default_factory=dict)  # evaluation after the stage
+    artifacts: dict[str, str] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    plots: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    model_name: str
+    stages: list[StageRecord]
+    metrics: dict[str, float]  # flat, namespaced "stage/metric"
+    model: nn.Module | None = None
+    logger_description: str = ""
+
+
+@dataclass
+class StageSpec:
+    name: str
+    key: str
+    node: DictConfig
+
+
+def resolve_stages(cfg: DictConfig) -> list[StageSpec]:
+    """`stages` lists dotted keys of plugin nodes ("analyzer", "compressor", ...) or inline
+    plugin nodes. A key whose node is null (e.g. editor: null) is skipped."""
+    specs: list[StageSpec] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(cfg.get("stages") or []):
+        if isinstance(entry, str):
+            sentinel = object()
+            node = OmegaConf.select(cfg, entry, default=sentinel)
+            if node is sentinel and not (CONF_DIR / entry).is_dir():
+                raise SculptError(f"stages[{i}]: '{entry}' names no config node")
+            if node is None or node is sentinel:  # a stage group with nothing selected
+                continue
+            if not isinstance(node, DictConfig) or "_target_" not in node:
+                raise SculptError(f"stages[{i}]: '{entry}' is not a plugin node (no _target_)")
+            name, key = entry.split(".")[-1], entry
+        elif isinstance(entry, DictConfig) and "_target_" in entry:
+            node, key = entry, f"stages[{i}]"
+            name = str(entry._target_).rsplit(".", 1)[-1].lower()
+        else:
+            raise SculptError(f"stages[{i}]: expected a config key or a node with _target_")
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}{seen[name]}"
+        specs.append(StageSpec(name=name, key=key, node=node))
+    return specs
+
+
+def build_stage(spec: StageSpec) -> Stage:
+    plugin = build(spec.node, spec.key)
+    if not isinstance(plugin, Stage):
+        raise SculptError(f"{spec.key}._target_: {spec.node._target_} is not a Compressor, Analyzer or Editor")
+    return plugin
+
+
+def validate(cfg: DictConfig) -> list[Stage]:
+    """Everything checkable without loading a model: signatures, types, ranges."""
+    check_config(cfg)
+    return [build_stage(s) for s in resolve_stages(cfg)]
+
+
+def _windows(cfg: DictConfig, key: str, tokenizer: Any, max_positions: int | None) -> torch.Tensor:
+    node = OmegaConf.select(cfg, key)
+    source = build(node.source, f"{key}.source", _partial_=True)
+    spec = WindowSpec(source=source, windows=int(node.windows), seq_len=int(node.seq_len),
+                      sampling=str(node.sampling), seed=int(node.get("seed", 0)))
+    return build_windows(tokenizer, spec, key, max_positions)
+
+
+def _evaluate(model: nn.Module, ctx: Context, eval_cfg: DictConfig, causal: bool, label: str) -> dict[str, float]:
+    assert ctx.evaluation_windows is not None
+    fn = evaluate_causal_lm if causal else evaluate_encoder
+    with measure() as m:
+        metrics = fn(model, ctx.evaluation_windows, reference=ctx.reference,
+                     batch_size=int(eval_cfg.batch_size), track=ctx.track, description=f"eval {label}")
+    metrics.update(m.as_metrics("eval_"))
+    return metrics
+
+
+def _check_validators(eval_cfg: DictConfig, stage: str, ref: dict[str, float], got: dict[str, float]) -> None:
+    limit = eval_cfg.get("max_ppl_increase")
+    if limit is not None and "perplexity" in got:
+        rise = got["perplexity"] / ref["perplexity"] - 1.0
+        if not rise <= float(limit):
+            raise SculptError(
+                f"eval.max_ppl_increase: stage '{stage}' raised perplexity by {rise:+.1%} "
+                f"({ref['perplexity']:.3f} -> {got['perplexity']:.3f}), limit {float(limit):+.1%}")
+    for key, metric, worse in (("max_kl", "kl", lambda v, t: v > t),
+                               ("min_top1", "top1_agreement", lambda v, t: v < t),
+                               ("min_cosine", "cosine_to_reference", lambda v, t: v < t)):
+        threshold = eval_cfg.get(key)
+        if threshold is not None and metric in got and worse(got[metric], float(threshold)):
+            raise SculptError(f"eval.{key}: stage '{stage}' has {metric}={got[metric]:.4f}, limit {float(threshold)}")
+
+
+def run(cfg: DictConfig) -> RunResult:
+    """One composed config -> one run folder with metrics.json, report.md, plots, model/,
+    compressed/. Raises SculptError on bad input (the CLI turns it into one line)."""
+    stages = validate(cfg)
+    specs = resolve_stages(cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "FAILED").unlink(missing_ok=True)
+    torch.manual_seed(int(cfg.seed))
+    torch.autograd.set_detect_anomaly(bool(cfg.get("debug_anomaly", False)))
+    track = make_tracker(cfg.get("interactive"))
+    logger: RunLogger = build(cfg.logger, "logger") if cfg.get("logger") else RunLogger()
+    failed = True
+    try:
+        logger.start(OmegaConf.to_container(cfg, resolve=True), out, name=str(cfg.get("task_name", "sculpt")))
+        result = _run(cfg, stages, specs, out, track, logger)
+        failed = False
+        return result
+    except SculptError as exc:
+        atomic_write_text(out / "FAILED", f"{exc}\n")
+        raise
+    except BaseException as exc:
+        atomic_write_text(out / "FAILED", f"{type(exc).__name__}: {exc}\n")
+        raise
+    finally:
+        logger.finish(failed=failed)
+
+
+def _run(cfg: DictConfig, stages: list[Stage], specs: list[StageSpec], out: Path, track: Any,
+         logger: RunLogger) -> RunResult:
+    records: list[StageRecord] = []
+    with measure() as m_load:
+        loaded: LoadedModel = build(cfg.model, "model")
+    model = loaded.model
+    log.info("model %s (%s, %.1fM parameters) loaded in %.1f s", loaded.name, loaded.arch.family,
+             sum(p.numel() for p in model.parameters()) / 1e6, m_load.seconds)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    ctx = Context(tokenizer=loaded.tokenizer, arch=loaded.arch, output_dir=out, seed=int(cfg.seed),
+                  progress=track)
+    ctx.evaluation_windows = _windows(cfg, "data.evaluation", loaded.tokenizer, max_pos)
+    if cfg.data.get("calibration") is not None:
+        ctx.calibration_loader = lambda: _windows(cfg, "data.calibration", loaded.tokenizer, max_pos)
+
+    ref_metrics = _evaluate(model, ctx, cfg.eval, loaded.arch.causal, "reference")
+    n_weights = sum(w.numel() for w in _block_weights(model, loaded))
+    ref_record = StageRecord(name="reference", kind="reference", target=loaded.name,
+                             metrics={"load_seconds": m_load.seconds, "load_peak_rss_mb": m_load.peak_rss_mb,
+                                      "bits_per_weight": float(torch.finfo(_block_weights(model, loaded)[0].dtype).bits),
+                                      "coded_weights": float(n_weights)},
+                             eval=ref_metrics)
+    records.append(ref_record)
+    logger.log_metrics({f"reference/{k}": v for k, v in {**ref_record.metrics, **ref_metrics}.items()})
+    _log_eval_line("reference", ref_metrics)
+    last_eval = ref_metrics
+
+    for spec, plugin in zip(specs, stages, strict=True):
+        if plugin.changes_weights and ctx.reference is None:
+            ctx.reference = copy.deepcopy(model).eval()
+        ctx.stage_name = spec.name
+        log.info("stage %s: %s", spec.name, spec.node._target_)
+        if plugin.needs_calibration:
+            ctx.calibration()  # built once, outside the stage's own timing
+        before = _fingerprint(model) if not plugin.changes_weights else None
+        with measure() as m:
+            plugin.setup(model, ctx)
+            try:
+                with torch.set_grad_enabled(plugin.needs_gradients):
+                    result: StageResult = plugin.apply(model, ctx)
+            except ConfigError as exc:
+                raise SculptError(f"{spec.key}.{exc.argument}: {exc.detail}") from exc
+            finally:
+                plugin.teardown(model, ctx)
+        if result.model is not None:
+            model = result.model
+        if before is not None and _fingerprint(model) != before:
+            raise SculptError(f"{spec.key}: {spec.node._target_} changed weights but its changes_weights flag is False")
+        record = StageRecord(name=spec.name, kind=plugin.kind, target=str(spec.node._target_),
+                             metrics={**flat_metrics(result.metrics), **m.as_metrics()},
+                             artifacts={k: str(v) for k, v in result.artifacts.items()},
+                             tables=result.tables, plots={k: str(v) for k, v in result.plots.items()})
+        if "compressed" in result.artifacts:
+            size = container_size(result.artifacts["compressed"])
+            record.metrics.update(size)
+            record.metrics["container_bytes"] = float(folder_bytes(result.artifacts["compressed"]))
+        if plugin.changes_weights:
+            record.eval = _evaluate(model, ctx, cfg.eval, loaded.arch.causal, spec.name)
+            _log_eval_line(spec.name, record.eval)
+            _check_validators(cfg.eval, spec.name, ref_metrics, record.eval)
+            last_eval = record.eval
+        records.append(record)
+        logger.log_metrics({f"{spec.name}/{k}": v for k, v in {**record.metrics, **record.eval}.items()})
+        for key, rows in record.tables.items():
+            logger.log_table(f"{spec.name}/{key}", rows)
+        for key, path in record.plots.items():
+            logger.log_image(f"{spec.name}/{key}", Path(path))
+
+    if cfg.get("save_model", True):
+        with measure() as m_save, atomic_dir(out / "model") as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(staging)
+        records[-1].metrics["model_dir_bytes"] = float(folder_bytes(out / "model"))
+        log.info("saved model/ in %.1f s", m_save.seconds)
+
+    flat: dict[str, float] = {}
+    for r in records:
+        for k, v in {**r.metrics, **r.eval}.items():
+            flat[f"{r.name}/{k}"] = v
+    flat.update({f"final/{k}": v for k, v in last_eval.items()})
+    result = RunResult(output_dir=out, model_name=loaded.name, stages=records, metrics=flat, model=model,
+                       logger_description=logger.describe())
+    logger.summary(flat)
+    atomic_write_text(out / "report.md", render_report(result, cfg))
+    # metrics.json is written last: its presence marks a complete run folder.
+    atomic_write_json(out / "metrics.json", {
+        "model": loaded.name,
+        "stages": [{"name": r.name, "kind": r.kind, "target": r.target, "metrics": r.metrics, "eval": r.eval,
+                    "artifacts": r.artifacts} for r in records],
+        "summary": summary_rows(result),
+        "flat": flat,
+    })
+    return result
+
+
+def _block_weights(model: nn.Module, loaded: LoadedModel) -> list[torch.Tensor]:
+    from framework.models import block_linears
+
+    return [layer.weight for layer in block_linears(model, loaded.arch).values()]
+
+
+def _fingerprint(model: nn.Module) -> int:
+    """A cheap change detector over every parameter (sum of float bit patterns)."""
+    total = 0
+    for p in model.parameters():
+        total = hash((total, p.data_ptr(), float(p.detach().double().sum())))
+    return total
+
+
+def _log_eval_line(name: str, metrics: dict[str, float]) -> None:
+    parts = [f"{k}={metrics[k]:.4g}" for k in ("perplexity", "kl", "top1_agreement", "cosine_to_reference")
+             if k in metrics and math.isfinite(metrics[k])]
+    log.info("eval %s: %s (%.1f s)", name, ", ".join(parts), metrics.get("eval_seconds", float("nan")))
+
+
