@@ -51,9 +51,12 @@ class Context:
     # Token windows [n, seq_len]; calibration is produced lazily (it may be large).
     calibration_loader: Callable[[], torch.Tensor] | None = None
     evaluation_windows: torch.Tensor | None = None
-    # The reference (uncompressed) model, frozen; set by the runner before the first stage
-    # that changes weights so later stages and evaluations can compare against it.
+    # The reference (uncompressed) model, frozen: a copy the runner keeps before the first
+    # stage whose needs_reference flag is set (a distillation teacher, say).
     reference: nn.Module | None = None
+    # The reference's cached outputs (framework.eval.metrics.ReferenceCache), filled by the
+    # reference evaluation; later evaluations compare against it without a full forward.
+    reference_outputs: Any = None
     progress: Callable[..., Any] | None = None
     stage_name: str = ""
     _calibration: torch.Tensor | None = None
@@ -92,6 +95,8 @@ class Stage(ABC):
     #: The stage writes weights; the runner keeps a frozen reference before it runs and
     #: evaluates after it. A stage that does not set this must leave weights bit-identical.
     changes_weights: ClassVar[bool] = False
+    #: The stage reads ctx.reference, the untouched model (costs one model copy).
+    needs_reference: ClassVar[bool] = False
     #: The stage trains (runs backward); the runner enables grad for it.
     needs_gradients: ClassVar[bool] = False
     #: The stage can run on sharded (ZeRO-3 / FSDP) parameters without a full gather.

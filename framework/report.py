@@ -18,7 +18,7 @@ COLUMNS = [
     ("top1_agreement", "top-1 agree"),
     ("cosine_to_reference", "cos to ref"),
     ("bits_per_weight", "bits/weight"),
-    ("bytes", "bytes on disk"),
+    ("bytes", "container size"),
     ("seconds", "time s"),
     ("peak_rss_mb", "peak RSS MB"),
     ("eval_seconds", "eval s"),
@@ -33,7 +33,7 @@ def summary_rows(result: RunResult) -> list[dict[str, Any]]:
         for key in ("perplexity", "kl", "top1_agreement", "cosine_to_reference", "eval_seconds"):
             row[key] = e.get(key)
         row["bits_per_weight"] = m.get("bits_per_weight")
-        row["bytes"] = m.get("container_bytes", m.get("model_dir_bytes"))
+        row["bytes"] = m.get("container_bytes")
         row["seconds"] = m.get("seconds", m.get("load_seconds"))
         row["peak_rss_mb"] = m.get("peak_rss_mb", m.get("load_peak_rss_mb"))
         rows.append(row)
@@ -110,6 +110,9 @@ def render_report(result: RunResult, cfg: DictConfig) -> str:
             out.append(markdown_table(table))
     out.append("## Config\n")
     out.append("```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "```\n")
+    model_bytes = result.stages[-1].metrics.get("model_dir_bytes")
+    if model_bytes:
+        out.append(f"Saved model folder `model/`: {model_bytes:,.0f} bytes.\n")
     out.append(f"Tracking: {result.logger_description}\n")
     return "\n".join(out)
 
@@ -134,5 +137,7 @@ def print_summary(result: RunResult) -> None:
         table.add_row(*(fmt(k, row.get(k)) for k, _ in headers(rows)))
     console = Console(width=max(120, Console().width))
     console.print(table)
-    console.print(f"outputs: {result.output_dir}  (report.md, metrics.json, model/, compressed/)")
+    model_bytes = result.stages[-1].metrics.get("model_dir_bytes")
+    saved = f"; model/ {model_bytes / 2**20:,.1f} MiB" if model_bytes else ""
+    console.print(f"outputs: {result.output_dir}  (report.md, metrics.json, model/, compressed/{saved})")
     console.print(f"tracking: {result.logger_description}")

@@ -108,12 +108,22 @@ def _windows(cfg: DictConfig, key: str, tokenizer: Any, max_positions: int | Non
     return build_windows(tokenizer, spec, key, max_positions)
 
 
-def _evaluate(model: nn.Module, ctx: Context, eval_cfg: DictConfig, causal: bool, label: str) -> dict[str, float]:
+def _evaluate(model: nn.Module, ctx: Context, eval_cfg: DictConfig, label: str) -> dict[str, float]:
+    """Evaluate against the cached reference outputs; the first call (the reference itself)
+    fills the cache."""
     assert ctx.evaluation_windows is not None
-    fn = evaluate_causal_lm if causal else evaluate_encoder
+    first = ctx.reference_outputs is None
+    kwargs: dict[str, Any] = dict(reference=ctx.reference_outputs, batch_size=int(eval_cfg.batch_size),
+                                  track=ctx.track, description=f"eval {label}")
     with measure() as m:
-        metrics = fn(model, ctx.evaluation_windows, reference=ctx.reference,
-                     batch_size=int(eval_cfg.batch_size), track=ctx.track, description=f"eval {label}")
+        if ctx.arch.causal:
+            got = evaluate_causal_lm(model, ctx.evaluation_windows, cache_head=ctx.arch.head if first else None,
+                                     **kwargs)
+        else:
+            got = evaluate_encoder(model, ctx.evaluation_windows, cache=first, **kwargs)
+    metrics, cache = got if first else (got, None)
+    if first:
+        ctx.reference_outputs = cache
     metrics.update(m.as_metrics("eval_"))
     return metrics
 
@@ -177,7 +187,7 @@ def _run(cfg: DictConfig, stages: list[Stage], specs: list[StageSpec], out: Path
     if cfg.data.get("calibration") is not None:
         ctx.calibration_loader = lambda: _windows(cfg, "data.calibration", loaded.tokenizer, max_pos)
 
-    ref_metrics = _evaluate(model, ctx, cfg.eval, loaded.arch.causal, "reference")
+    ref_metrics = _evaluate(model, ctx, cfg.eval, "reference")
     n_weights = sum(w.numel() for w in _block_weights(model, loaded))
     ref_record = StageRecord(name="reference", kind="reference", target=loaded.name,
                              metrics={"load_seconds": m_load.seconds, "load_peak_rss_mb": m_load.peak_rss_mb,
@@ -190,7 +200,7 @@ def _run(cfg: DictConfig, stages: list[Stage], specs: list[StageSpec], out: Path
     last_eval = ref_metrics
 
     for spec, plugin in zip(specs, stages, strict=True):
-        if plugin.changes_weights and ctx.reference is None:
+        if plugin.needs_reference and ctx.reference is None:
             ctx.reference = copy.deepcopy(model).eval()
         ctx.stage_name = spec.name
         log.info("stage %s: %s", spec.name, spec.node._target_)
@@ -219,7 +229,7 @@ def _run(cfg: DictConfig, stages: list[Stage], specs: list[StageSpec], out: Path
             record.metrics.update(size)
             record.metrics["container_bytes"] = float(folder_bytes(result.artifacts["compressed"]))
         if plugin.changes_weights:
-            record.eval = _evaluate(model, ctx, cfg.eval, loaded.arch.causal, spec.name)
+            record.eval = _evaluate(model, ctx, cfg.eval, spec.name)
             _log_eval_line(spec.name, record.eval)
             _check_validators(cfg.eval, spec.name, ref_metrics, record.eval)
             last_eval = record.eval

@@ -1,6 +1,7 @@
 """The compressed container: one binary payload (`payload.bin`) holding every tensor's
 sections back to back, and `manifest.json` describing each tensor (codec, shape, bits,
-parameters, section offsets, sha256 of its bytes).
+parameters, section offsets, sha256 of its description and bytes: an edited manifest entry
+is caught like a flipped byte).
 
 Reading verifies sizes and checksums before decoding, so a truncated, bit-flipped or
 mismatched file is a clear error, never a silently wrong tensor. Nothing is unpickled.
@@ -55,7 +56,7 @@ def write_container(path: str | Path, tensors: dict[str, EncodedTensor], meta: d
     offset = 0
     with atomic_dir(path) as staging, (staging / PAYLOAD).open("wb") as payload:
         for name, enc in tensors.items():
-            digest = hashlib.sha256()
+            digest = _header_digest(enc.codec, list(enc.shape), enc.bits, enc.params)
             sections = {}
             for sec_name, data in enc.sections.items():
                 payload.write(data)
@@ -120,11 +121,14 @@ def read_container(path: str | Path) -> dict[str, torch.Tensor]:
             enc = _entry_to_encoded(entry, data)
         except (KeyError, TypeError, ValueError) as exc:
             raise SculptError(f"{path / MANIFEST}: bad entry for '{name}' ({exc})") from exc
-        digest = hashlib.sha256()
+        digest = _header_digest(entry["codec"], entry["shape"], entry["bits"], entry["params"])
         for sec in enc.sections.values():
             digest.update(sec)
         if digest.hexdigest() != entry.get("sha256"):
-            raise SculptError(f"{payload_file}: sha256 mismatch for '{name}' (corrupt payload)")
+            raise SculptError(
+                f"{payload_file}: sha256 mismatch for '{name}' "
+                "(corrupt payload or edited manifest entry)"
+            )
         decoder = DECODERS.get(enc.codec)
         if decoder is None:
             raise SculptError(f"{path / MANIFEST}: unknown codec '{enc.codec}' for '{name}'")
@@ -136,6 +140,14 @@ def read_container(path: str | Path) -> dict[str, torch.Tensor]:
             raise SculptError(f"{path}: '{name}' decoded to {tuple(tensor.shape)}, manifest says {enc.shape}")
         out[name] = tensor
     return out
+
+
+def _header_digest(codec: Any, shape: Any, bits: Any, params: Any) -> Any:
+    """A sha256 started with the entry's description: codec, shape, bits and parameters
+    decide how the bytes decode, so a manifest edit must not pass as a valid tensor."""
+    # Round-trip through JSON first so the writer hashes exactly what the reader will load.
+    header = json.dumps(json.loads(json.dumps([codec, list(shape), bits, params])), sort_keys=True)
+    return hashlib.sha256(header.encode("utf-8"))
 
 
 def _entry_to_encoded(entry: dict[str, Any], data: bytes) -> EncodedTensor:

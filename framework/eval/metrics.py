@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,26 @@ from framework.errors import SculptError
 Track = Callable[..., Any]
 
 
+@dataclass
+class ReferenceCache:
+    """The reference's outputs, kept small: for a causal LM the inputs of its LM head
+    ([windows, seq, hidden], ~47 MB for 40x512 on SmolLM2) plus a frozen copy of the head,
+    so reference logits cost one head matmul instead of a full forward pass; for an
+    encoder the mean-pooled output embeddings."""
+
+    hidden: torch.Tensor
+    head: nn.Module | None = None
+
+    def logits(self, index: slice) -> torch.Tensor:
+        assert self.head is not None
+        return self.head(self.hidden[index])
+
+
+def _capture_head_inputs(model: nn.Module, head_name: str, store: list[torch.Tensor]):
+    head = model.get_submodule(head_name)
+    return head.register_forward_pre_hook(lambda _m, args: store.append(args[0].detach().clone()))
+
+
 def _identity_track(iterable: Any, description: str = "", total: int | None = None) -> Any:
     return iterable
 
@@ -27,28 +49,48 @@ def _identity_track(iterable: Any, description: str = "", total: int | None = No
 def evaluate_causal_lm(
     model: nn.Module,
     windows: torch.Tensor,
-    reference: nn.Module | None = None,
+    reference: nn.Module | ReferenceCache | None = None,
     batch_size: int = 4,
     track: Track = _identity_track,
     description: str = "evaluate",
-) -> dict[str, float]:
+    cache_head: str | None = None,
+) -> tuple[dict[str, float], ReferenceCache | None] | dict[str, float]:
+    """Metrics of `model` on `windows`; against `reference` (a model, or the cache a
+    previous call returned) also KL and top-1 agreement. With cache_head (the LM head's
+    module name) it also returns the ReferenceCache of this model's outputs."""
     model.eval()
-    nll_sum, token_count = SumMetric(), SumMetric()
-    kl_mean, top1_mean = MeanMetric(), MeanMetric()
+    # nan_strategy="disable": torchmetrics' default drops NaNs with a warning, which would
+    # score a NaN model as perplexity 1.0; keep them so _check_finite refuses the result.
+    nll_sum, token_count = SumMetric(nan_strategy="disable"), SumMetric(nan_strategy="disable")
+    kl_mean, top1_mean = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
     batches = list(windows.split(batch_size))
-    for batch in track(batches, description=description, total=len(batches)):
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        logp = F.log_softmax(logits, dim=-1)
-        nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        nll_sum.update(nll.sum())
-        token_count.update(torch.tensor(float(nll.numel())))
-        if reference is not None:
-            ref_logp = F.log_softmax(reference(input_ids=batch).logits[:, :-1].float(), dim=-1)
+    captured: list[torch.Tensor] = []
+    hook = _capture_head_inputs(model, cache_head, captured) if cache_head else None
+    start = 0
+    try:
+        for batch in track(batches, description=description, total=len(batches)):
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            targets = batch[:, 1:]
+            logp = F.log_softmax(logits, dim=-1)
+            nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            nll_sum.update(nll.sum())
+            token_count.update(torch.tensor(float(nll.numel())))
+            index = slice(start, start + batch.shape[0])
+            start += batch.shape[0]
+            if reference is None:
+                continue
+            if isinstance(reference, ReferenceCache):
+                ref_logits = reference.logits(index)
+            else:
+                ref_logits = reference(input_ids=batch).logits
+            ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
             # KL(ref || model) per token = sum_v p_ref (log p_ref - log p_model)
             kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
             kl_mean.update(kl.reshape(-1))
             top1_mean.update((ref_logp.argmax(-1) == logp.argmax(-1)).float().reshape(-1))
+    finally:
+        if hook is not None:
+            hook.remove()
     tokens = float(token_count.compute())
     mean_nll = float(nll_sum.compute()) / tokens
     out = {"nll": mean_nll, "perplexity": math.exp(mean_nll), "tokens": tokens}
@@ -56,32 +98,45 @@ def evaluate_causal_lm(
         out["kl"] = float(kl_mean.compute())
         out["top1_agreement"] = float(top1_mean.compute())
     _check_finite(out, description)
-    return out
+    if cache_head is None:
+        return out
+    head = copy.deepcopy(model.get_submodule(cache_head)).eval()
+    return out, ReferenceCache(hidden=torch.cat(captured), head=head)
 
 
 @torch.no_grad()
 def evaluate_encoder(
     model: nn.Module,
     windows: torch.Tensor,
-    reference: nn.Module | None = None,
+    reference: nn.Module | ReferenceCache | None = None,
     batch_size: int = 8,
     track: Track = _identity_track,
     description: str = "evaluate",
-) -> dict[str, float]:
+    cache: bool = False,
+) -> tuple[dict[str, float], ReferenceCache | None] | dict[str, float]:
+    """Cosine similarity of mean-pooled output embeddings to the reference's."""
     model.eval()
-    cos_mean, norm_mean = MeanMetric(), MeanMetric()
+    cos_mean, norm_mean = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
     batches = list(windows.split(batch_size))
+    pooled: list[torch.Tensor] = []
+    start = 0
     for batch in track(batches, description=description, total=len(batches)):
         emb = model(input_ids=batch).last_hidden_state.float().mean(dim=1)
+        pooled.append(emb)
         norm_mean.update(emb.norm(dim=-1))
+        index = slice(start, start + batch.shape[0])
+        start += batch.shape[0]
         if reference is not None:
-            ref = reference(input_ids=batch).last_hidden_state.float().mean(dim=1)
+            if isinstance(reference, ReferenceCache):
+                ref = reference.hidden[index]
+            else:
+                ref = reference(input_ids=batch).last_hidden_state.float().mean(dim=1)
             cos_mean.update(F.cosine_similarity(emb, ref, dim=-1))
     out = {"embedding_norm": float(norm_mean.compute()), "windows": float(windows.shape[0])}
     if reference is not None:
         out["cosine_to_reference"] = float(cos_mean.compute())
     _check_finite(out, description)
-    return out
+    return (out, ReferenceCache(hidden=torch.cat(pooled))) if cache else out
 
 
 def _check_finite(metrics: dict[str, float], where: str) -> None:

