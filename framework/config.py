@@ -13,6 +13,7 @@ from typing import Any
 
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from framework.errors import ConfigError, SculptError
 
@@ -40,7 +41,8 @@ def check_node(node: DictConfig, key: str) -> None:
     sig = signature_of(obj)
     params = {n: p for n, p in sig.parameters.items() if n != "self"}
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    args = {k: v for k, v in node.items() if k not in _HYDRA_KEYS}
+    # Names only: reading values here would resolve them (and crash on a ??? value).
+    args = [k for k in node if k not in _HYDRA_KEYS]
     for name in args:
         if name not in params and not accepts_any:
             accepted = ", ".join(n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL)
@@ -56,6 +58,14 @@ def check_node(node: DictConfig, key: str) -> None:
             continue
         if OmegaConf.is_missing(node, name):
             raise SculptError(f"{key}.{name}: must be set (it is ???)")
+        if OmegaConf.is_interpolation(node, name):
+            try:
+                node[name]
+            except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
+                raw = node._get_node(name)._value()
+                raise SculptError(f"{key}.{name}: must be set ({raw} is ???)") from exc
+            except Exception:  # e.g. ${hydra:...} outside a Hydra app: checked when built
+                pass
         value = node._get_node(name)._value() if OmegaConf.is_interpolation(node, name) is False else None
         if value is None or name not in hints:
             continue

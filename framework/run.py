@@ -235,10 +235,12 @@ def _run(cfg: DictConfig, stages: list[Stage], specs: list[StageSpec], out: Path
             last_eval = record.eval
         records.append(record)
         logger.log_metrics({f"{spec.name}/{k}": v for k, v in {**record.metrics, **record.eval}.items()})
+        # tables/ and plots/ sub-namespaces: a table named like a metric (analyzer's
+        # `layers` table vs its `layers` count) must not share one W&B key with it.
         for key, rows in record.tables.items():
-            logger.log_table(f"{spec.name}/{key}", rows)
+            logger.log_table(f"{spec.name}/tables/{key}", rows)
         for key, path in record.plots.items():
-            logger.log_image(f"{spec.name}/{key}", Path(path))
+            logger.log_image(f"{spec.name}/plots/{key}", Path(path))
 
     if cfg.get("save_model", True):
         with measure() as m_save, atomic_dir(out / "model") as staging:

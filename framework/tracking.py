@@ -41,6 +41,7 @@ class WandbLogger(RunLogger):
         tags: list[str] | None = None,
         name: str | None = None,
         notes: str | None = None,
+        system_stats: bool = False,
     ):
         if mode not in ("offline", "online", "disabled"):
             from framework.errors import ConfigError
@@ -48,6 +49,7 @@ class WandbLogger(RunLogger):
             raise ConfigError("mode", f"'{mode}' is not one of offline, online, disabled")
         self.project, self.mode, self.entity = project, mode, entity
         self.group, self.job_type, self.tags, self.name, self.notes = group, job_type, list(tags or []), name, notes
+        self.system_stats = system_stats
         self._run: Any = None
 
     def start(self, config: dict[str, Any], output_dir: Path, name: str) -> None:
@@ -66,6 +68,9 @@ class WandbLogger(RunLogger):
             dir=str(output_dir),
             config=config,
             reinit="finish_previous",  # a multirun's jobs never merge into one run
+            # The system monitor samples CPU/GPU every few seconds in its own process; off by
+            # default so it does not compete with a 2-core run (turn on for GPU jobs).
+            settings=wandb.Settings(x_disable_stats=not self.system_stats),
         )
         self.run_dir = Path(self._run.dir).parent if self._run and self._run.dir else None
 

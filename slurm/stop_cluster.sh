@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop the one-machine cluster that slurm/start_cluster.sh started: slurmctld and slurmd via
 # `scontrol shutdown` (running jobs are killed; their state is kept in /var/spool/slurmctld),
-# then munged. Safe to run when nothing is running.
+# then slurmdbd, MariaDB and munged. Safe to run when nothing (or only part) is running.
 set -uo pipefail
 
 say() { echo "slurm: $*"; }
@@ -28,6 +28,19 @@ while running /run/slurmctld.pid || running /run/slurmd.pid; do
   sleep 0.5
 done
 
+if running /run/slurmdbd.pid; then
+  pid="$(cat /run/slurmdbd.pid)"
+  say "stopping slurmdbd"
+  kill -TERM "$pid"
+  while kill -0 "$pid" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || { echo "slurm: ERROR: slurmdbd ($pid) still running" >&2; exit 1; }
+    sleep 0.2
+  done
+fi
+if command -v mariadb-admin >/dev/null && mariadb-admin --connect-timeout=2 ping >/dev/null 2>&1; then
+  say "stopping mariadbd"
+  mariadb-admin shutdown || { echo "slurm: ERROR: mariadb-admin shutdown failed" >&2; exit 1; }
+fi
 if running /run/munge/munged.pid; then
   pid="$(cat /run/munge/munged.pid)"
   say "stopping munged"

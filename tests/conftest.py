@@ -39,6 +39,12 @@ def compose_config(overrides: list[str], output_dir: Path | str) -> DictConfig:
         return compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
+@pytest.fixture(scope="session")
+def compose_at():
+    """Factory for wider-scoped fixtures: compose_at(overrides, output_dir)."""
+    return compose_config
+
+
 @pytest.fixture
 def compose_cfg(tmp_path: Path):
     """Factory: compose_cfg(overrides) -> the real config, output under tmp_path."""
@@ -85,7 +91,7 @@ def tiny_windows(shakespeare_text: str, kjv_text: str) -> dict[str, torch.Tensor
     return {"calibration": calib, "evaluation": evaluation}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_ctx(tiny_windows: dict[str, torch.Tensor]):
     """Factory: a Context for any LoadedModel over the shared small windows."""
 

@@ -126,6 +126,7 @@ def hf_dataset(
         raise SculptError(
             "data.source: hf_dataset needs the 'datasets' package (pip install datasets)"
         ) from exc
+    datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(name, config_name, split=split, data_files=data_files)
     except FileNotFoundError as exc:

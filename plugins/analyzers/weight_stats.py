@@ -29,14 +29,15 @@ class _InputMoments:
         self.channel_absmax = torch.zeros(width, dtype=torch.float64)
 
     def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        f64 = torch.float64  # accumulate in float64; elementwise work stays float32
         self.n += x.numel()
-        self.s1 += float(x.sum())
+        self.s1 += float(x.sum(dtype=f64))
         x2 = x * x
-        self.s2 += float(x2.sum())
-        self.s3 += float((x2 * x).sum())
-        self.s4 += float((x2 * x2).sum())
-        self.channel_absmax = torch.maximum(self.channel_absmax, x.abs().amax(dim=0))
+        self.s2 += float(x2.sum(dtype=f64))
+        self.s3 += float((x2 * x).sum(dtype=f64))
+        self.s4 += float((x2 * x2).sum(dtype=f64))
+        self.channel_absmax = torch.maximum(self.channel_absmax, x.abs().amax(dim=0).double())
 
     def stats(self, ratio: float) -> dict[str, float]:
         mean = self.s1 / self.n

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +70,9 @@ class GPTQLayerResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def column_blocks(cols: int, block_size: int, group_size: int | None, static: bool) -> list[tuple[int, int]]:
+def column_blocks(
+    cols: int, block_size: int, group_size: int | None, static: bool
+) -> list[tuple[int, int]]:
     """Lazy-batch column blocks [i1, i2). With dynamic groups a group that starts inside a
     block must end inside it: otherwise the block is cut where that group starts."""
     out: list[tuple[int, int]] = []
@@ -106,6 +109,18 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     raise SculptError(f"gptq: the Hessian is not positive definite even with damp={d:g}")
 
 
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run with n intra-op threads. GPTQ's column loop is thousands of tiny ops: split over
+    threads they mostly wait at barriers (badly so on a loaded machine), so it runs on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -118,9 +133,24 @@ def gptq_quantize(
 ) -> GPTQLayerResult:
     """GPTQ for one [rows, cols] weight given its input Hessian [cols, cols] (any positive
     multiple of X^T X). Returns codes and group parameters for `framework.codecs.uniform`."""
-    rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
+    cols = weight.shape[1]
+    if weight.dim() != 2 or hessian.shape != (cols, cols):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    device = weight.device
+    with _threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        return _gptq(weight, hessian, grid, damp, block_size, act_order, static_groups)
+
+
+def _gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: UniformGrid,
+    damp: float,
+    block_size: int,
+    act_order: bool,
+    static_groups: bool,
+) -> GPTQLayerResult:
+    rows, cols = weight.shape
     device = weight.device
     w = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=device, dtype=torch.float64).clone()
@@ -154,53 +184,64 @@ def gptq_quantize(
     upper = upper64.to(torch.float32)
     del h
 
-    codes = torch.empty(rows, cols, device=device)
+    # Work on the transpose: column j of W is the contiguous row wt[j].
+    wt = w.T.contiguous()
+    codes_t = torch.empty(cols, rows, device=device)
+    scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()
     qmax = float(grid.qmax)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for i1, i2 in column_blocks(cols, block_size, grid.group_size, static):
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.empty(rows, i2 - i1, device=device)
+        wt1 = wt[i1:i2].clone()
+        err1 = torch.empty(i2 - i1, rows, device=device)
         u1 = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if not static and j % g == 0:
                 end = min(j + g, cols)
-                # Inside the block w1 is up to date; a group reaching past the block starts
-                # at the block's first column (column_blocks), where w is up to date.
-                src = w1[:, i : end - i1] if end <= i2 else w[:, j:end]
-                s, z = fit_params(src.cpu(), column_grid)
-                scale[:, j // g] = s[:, 0].to(device)
-                zero[:, j // g] = z[:, 0].to(device)
-            s = scale[:, group_of[j]]
-            z = zero[:, group_of[j]]
-            col = w1[:, i]
+                # Inside the block wt1 is up to date; a group reaching past the block starts
+                # at the block's first column (column_blocks), where wt is up to date.
+                src = wt1[i : end - i1] if end <= i2 else wt[j:end]
+                s, z = fit_params(src.T.cpu(), column_grid)
+                scale_t[j // g] = s[:, 0].to(device)
+                zero_t[j // g] = z[:, 0].to(device)
+            s = scale_t[group_of[j]]
+            z = zero_t[group_of[j]]
+            col = wt1[i]
             # The uniform codec's arithmetic exactly (quantize_codes / dequantize).
             q = torch.clamp(torch.round(col / s) + z, 0, qmax)
             col_hat = (q - z) * s
-            codes[:, j] = q
-            d = u1[i, i]
-            err = (col - col_hat) / d
-            loss += (err * err).sum()
-            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = err
+            codes_t[j] = q
+            err = (col - col_hat) / u1[i, i]
+            loss += err.dot(err)
+            wt1[i:].addr_(u1[i, i:], err, alpha=-1.0)
+            err1[i] = err
         if i2 < cols:
-            w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+            wt[i2:].addmm_(upper[i1:i2, i2:].T, err1, alpha=-1.0)
 
+    codes = codes_t.T
     if act_order:
         codes = codes[:, torch.argsort(perm)]
-    return GPTQLayerResult(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), loss=float(loss) / 2.0,
-                           damp=damp_used, dead_columns=int(dead.sum()))
+    return GPTQLayerResult(
+        codes=codes.contiguous().cpu(),
+        scale=scale_t.T.contiguous().cpu(),
+        zero=zero_t.T.contiguous().cpu(),
+        loss=float(loss) / 2.0,
+        damp=damp_used,
+        dead_columns=int(dead.sum()),
+    )
 
 
-def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(E H E^T) / tr(W H W^T), E = W - W_hat: the relative squared output error of the
-    layer on its calibration inputs (H = 2 X^T X / tokens, undamped)."""
-    h = hessian.to(torch.float64)
-    w64 = w.to(h.device, torch.float64)
-    e = w64 - w_hat.to(h.device, torch.float64)
-    num = float(((e @ h) * e).sum())
-    den = float(((w64 @ h) * w64).sum())
-    return num / den if den > 0 else 0.0
+def relative_output_errors(
+    w: torch.Tensor, hessian: torch.Tensor, *w_hats: torch.Tensor
+) -> list[float]:
+    """tr(E H E^T) / tr(W H W^T), E = W - W_hat, for each W_hat: the relative squared output
+    error of the layer on its calibration inputs (H = 2 X^T X / tokens, undamped)."""
+    h = hessian.to(torch.float32)
+    w32 = w.to(h.device, torch.float32)
+    stacked = torch.stack([w32, *(w32 - wh.to(h.device, torch.float32) for wh in w_hats)])
+    quad = ((stacked @ h) * stacked).sum(dim=(1, 2)).double()
+    den = float(quad[0])
+    return [float(q) / den if den > 0 else 0.0 for q in quad[1:]]
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,8 +263,13 @@ class _BlockInputs:
     calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]]  # per chunk: rows, args, kwargs
 
 
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor,
-                          batch_size: int, device: torch.device) -> _BlockInputs:
+def _capture_block_inputs(
+    model: nn.Module,
+    first_block: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> _BlockInputs:
     """Run the model up to its first block on each chunk of windows and keep what the
     block receives (hidden states, other positional args, keyword args)."""
     seen: dict[str, Any] = {}
@@ -272,8 +318,9 @@ def _run_block(block: nn.Module, inputs: _BlockInputs, write: bool) -> None:
             inputs.hidden[rows] = out
 
 
-def _accumulate_hessians(block: nn.Module, layers: dict[str, nn.Linear],
-                         inputs: _BlockInputs) -> dict[str, torch.Tensor]:
+def _accumulate_hessians(
+    block: nn.Module, layers: dict[str, nn.Linear], inputs: _BlockInputs
+) -> dict[str, torch.Tensor]:
     """H = 2 X^T X / tokens for each layer, from one pass of the block over the inputs
     (stopped as soon as every layer has seen its input). Layers fed the same tensor (q/k/v)
     share one product per chunk. Products in float32 per chunk, summed in float64."""
@@ -308,10 +355,8 @@ def _accumulate_hessians(block: nn.Module, layers: dict[str, nn.Linear],
         for rows, args, kwargs in inputs.calls:
             pending.update(layers)
             chunk_products.clear()
-            try:
+            with suppress(_Stop):
                 block(inputs.hidden[rows], *args, **kwargs)
-            except _Stop:
-                pass
             if pending:
                 raise SculptError(f"gptq: the block's forward never called {sorted(pending)}")
     finally:
@@ -365,7 +410,7 @@ class GPTQ(Compressor):
         block_size: int = 128,
         act_order: bool = False,
         static_groups: bool = False,
-        true_sequential: bool = True,
+        true_sequential: bool = False,
         calibration_windows: int | None = None,
         batch_size: int = 8,
     ):
@@ -375,7 +420,9 @@ class GPTQ(Compressor):
         if block_size < 1:
             raise ConfigError("block_size", f"{block_size} must be >= 1")
         if calibration_windows is not None and calibration_windows < 1:
-            raise ConfigError("calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)")
+            raise ConfigError(
+                "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
+            )
         if batch_size < 1:
             raise ConfigError("batch_size", f"{batch_size} must be >= 1")
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
@@ -388,8 +435,15 @@ class GPTQ(Compressor):
         self.batch_size = batch_size
 
     def quantize_layer(self, weight: torch.Tensor, hessian: torch.Tensor) -> GPTQLayerResult:
-        return gptq_quantize(weight, hessian, self.grid, damp=self.damp, block_size=self.block_size,
-                             act_order=self.act_order, static_groups=self.static_groups)
+        return gptq_quantize(
+            weight,
+            hessian,
+            self.grid,
+            damp=self.damp,
+            block_size=self.block_size,
+            act_order=self.act_order,
+            static_groups=self.static_groups,
+        )
 
     @torch.no_grad()
     def compress(self, model: nn.Module, ctx: Context) -> StageResult:
@@ -411,17 +465,27 @@ class GPTQ(Compressor):
                     hessians = _accumulate_hessians(block, layers, inputs)
                     for rel, layer in layers.items():
                         name = names[id(layer)]
-                        encoded[f"{name}.weight"], row = self._quantize_into(layer, hessians.pop(rel))
+                        encoded[f"{name}.weight"], row = self._quantize_into(
+                            layer, hessians.pop(rel)
+                        )
                         rows_out.append({"layer": name, "role": rel, **row})
                 _run_block(block, inputs, write=True)
             del inputs
         finally:
             model.train(was_training)
 
-        path = write_container(ctx.stage_dir("compressed"), encoded,
-                               meta={"method": "gptq", **self.grid.__dict__, "damp": self.damp,
-                                     "act_order": self.act_order, "true_sequential": self.true_sequential,
-                                     "calibration_windows": int(windows.shape[0])})
+        path = write_container(
+            ctx.stage_dir("compressed"),
+            encoded,
+            meta={
+                "method": "gptq",
+                **self.grid.__dict__,
+                "damp": self.damp,
+                "act_order": self.act_order,
+                "true_sequential": self.true_sequential,
+                "calibration_windows": int(windows.shape[0]),
+            },
+        )
         n = max(len(rows_out), 1)
         sq_err = sum(r["_sq_err"] for r in rows_out)
         sq_norm = sum(r["_sq_norm"] for r in rows_out)
@@ -437,20 +501,23 @@ class GPTQ(Compressor):
             "calibration_windows": int(windows.shape[0]),
             "calibration_tokens": int(windows.numel()),
         }
-        return StageResult(metrics=metrics, artifacts={"compressed": path},
-                           tables={"by_role": _by_role(rows_out)})
+        return StageResult(
+            metrics=metrics, artifacts={"compressed": path}, tables={"by_role": _by_role(rows_out)}
+        )
 
-    def _quantize_into(self, layer: nn.Linear, hessian: torch.Tensor) -> tuple[Any, dict[str, float]]:
+    def _quantize_into(
+        self, layer: nn.Linear, hessian: torch.Tensor
+    ) -> tuple[Any, dict[str, float]]:
         """GPTQ one layer, write the decoded weights into it; -> (container entry, stats)."""
         w = layer.weight.data
         w32 = w.detach().to(torch.float32).cpu()
         res = self.quantize_layer(w, hessian)
         enc, w_hat = encode(w32, self.grid, codes=res.codes, scale=res.scale, zero=res.zero)
         _, w_rtn = encode(w32, self.grid)
-        h = hessian.cpu()
+        out_err, rtn_err = relative_output_errors(w32, hessian.cpu(), w_hat, w_rtn)
         stats = {
-            "output_rel_err": relative_output_error(w32, w_hat, h),
-            "rtn_output_rel_err": relative_output_error(w32, w_rtn, h),
+            "output_rel_err": out_err,
+            "rtn_output_rel_err": rtn_err,
             "weight_rel_mse": float((w_hat - w32).pow(2).sum() / w32.pow(2).sum().clamp_min(1e-30)),
             "gptq_loss": res.loss,
             "damp": res.damp,
@@ -470,11 +537,13 @@ def _by_role(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for role, rs in by.items():
         k = len(rs)
-        out.append({
-            "role": role,
-            "layers": k,
-            "weight_rel_mse": sum(r["weight_rel_mse"] for r in rs) / k,
-            "output_rel_err": sum(r["output_rel_err"] for r in rs) / k,
-            "rtn_output_rel_err": sum(r["rtn_output_rel_err"] for r in rs) / k,
-        })
+        out.append(
+            {
+                "role": role,
+                "layers": k,
+                "weight_rel_mse": sum(r["weight_rel_mse"] for r in rs) / k,
+                "output_rel_err": sum(r["output_rel_err"] for r in rs) / k,
+                "rtn_output_rel_err": sum(r["rtn_output_rel_err"] for r in rs) / k,
+            }
+        )
     return out

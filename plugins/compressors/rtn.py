@@ -13,6 +13,7 @@ from framework.codecs.uniform import UniformGrid, encode
 from framework.errors import ConfigError
 from framework.models import block_linears
 from framework.plugins import Compressor, Context, StageResult
+from framework.ratedistortion import plot_bounds, summarize_bounds, tensor_bound
 
 
 def check_grid_args(bits: int, group_size: int | None) -> None:
@@ -39,21 +40,28 @@ class RTN(Compressor):
     @torch.no_grad()
     def compress(self, model: nn.Module, ctx: Context) -> StageResult:
         linears = block_linears(model, ctx.arch)
-        encoded = {}
+        encoded, bounds, sizes = {}, [], []
         sq_err, sq_norm = 0.0, 0.0
         for name, layer in ctx.track(list(linears.items()), description="rtn"):
             w = layer.weight.data
             enc, w_hat = encode(w.float(), self.grid)
             sq_err += float((w_hat - w.float()).pow(2).sum())
             sq_norm += float(w.float().pow(2).sum())
+            bounds.append({"tensor": name, **tensor_bound(w, w_hat, 8.0 * enc.nbytes() / w.numel())})
+            sizes.append(w.numel())
             layer.weight.data.copy_(w_hat.to(w.dtype))
             encoded[f"{name}.weight"] = enc
         path = write_container(ctx.stage_dir("compressed"), encoded, meta={"method": "rtn", **self.grid.__dict__})
+        plot = plot_bounds(bounds, ctx.output_dir / "plots" / f"{ctx.stage_name or 'rtn'}_rate_distortion.png",
+                           f"RTN {self.grid.bits}-bit, group {self.grid.group_size or 'per-channel'}")
         return StageResult(
             metrics={
                 "layers": len(linears),
                 "weight_relative_mse": sq_err / max(sq_norm, 1e-30),
                 "nominal_bits": float(self.grid.bits),
+                **summarize_bounds(bounds, sizes),
             },
             artifacts={"compressed": path},
+            tables={"rate_distortion": bounds},
+            plots={"rate_distortion": plot},
         )

@@ -99,7 +99,8 @@ def _item_value(item: Any) -> Any:
 
 
 def _item_key(item: Any) -> str:
-    return "/".join(item.nested_key) if item.nested_key else item.key
+    # W&B's own flattening of a nested value (an image's "path", "_type", ...) is "."
+    return ".".join(item.nested_key) if item.nested_key else item.key
 
 
 @dataclass
@@ -131,7 +132,11 @@ def read_run(path: str | Path) -> WandbRun:
 
     path = Path(path)
     if path.is_dir():
-        files = [path] if path.suffix == ".wandb" else find_run_files(path) or sorted(path.glob("run-*.wandb"))
+        files = (
+            [path]
+            if path.suffix == ".wandb"
+            else find_run_files(path) or sorted(path.glob("run-*.wandb"))
+        )
         if len(files) != 1:
             raise WandbLogError(f"{path}: expected exactly one run-*.wandb, found {len(files)}")
         path = files[0]
@@ -165,6 +170,11 @@ def leet_records(path: str | Path) -> list[dict[str, Any]]:
     """The records as W&B's own `wandb leet inspect --json` prints them (one JSON per line)."""
     exe = Path(sys.executable).with_name("wandb")
     cmd = [str(exe)] if exe.exists() else [shutil.which("wandb") or "wandb"]
-    out = subprocess.run([*cmd, "leet", "inspect", "--json", str(path)], capture_output=True,
-                         text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [*cmd, "leet", "inspect", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]

@@ -59,6 +59,20 @@ def test_missing_value_names_the_key() -> None:
         check_node(source, "data.evaluation.source")
 
 
+def test_interpolated_missing_value_names_the_key() -> None:
+    """data=text_file: each side's source.path is ${data.path}, which is ??? until set."""
+    cfg = OmegaConf.create({
+        "data": {"path": "???",
+                 "evaluation": {"source": {"_target_": "framework.data.sources.text_file",
+                                           "path": "${data.path}"}}},
+    })
+    with pytest.raises(SculptError, match=r"^data\.evaluation\.source\.path: must be set") as err:
+        check_config(cfg)
+    assert "${data.path} is ???" in str(err.value)
+    cfg.data.path = "/some/file.txt"
+    check_config(cfg)
+
+
 def test_unimportable_target_names_the_key() -> None:
     with pytest.raises(SculptError, match=r"^compressor\._target_: cannot import 'plugins\.nope\.X'"):
         check_node(OmegaConf.create({"_target_": "plugins.nope.X"}), "compressor")
