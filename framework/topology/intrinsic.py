@@ -18,8 +18,13 @@ import numpy as np
 from framework.topology.persistence import pairwise_distances
 
 
-def twonn_dimension(points: Any = None, *, distances: np.ndarray | None = None,
-                    metric: str = "euclidean", discard_fraction: float = 0.1) -> float:
+def twonn_dimension(
+    points: Any = None,
+    *,
+    distances: np.ndarray | None = None,
+    metric: str = "euclidean",
+    discard_fraction: float = 0.1,
+) -> float:
     """TwoNN intrinsic dimension of a point cloud [n, dim] or of a distance matrix [n, n].
 
     Points with a duplicate (r1 = 0) are left out. NaN when fewer than 3 usable points.
@@ -28,7 +33,11 @@ def twonn_dimension(points: Any = None, *, distances: np.ndarray | None = None,
         raise ValueError("twonn_dimension: pass exactly one of points or distances")
     if not 0.0 <= discard_fraction < 1.0:
         raise ValueError(f"discard_fraction: {discard_fraction} must be in [0, 1)")
-    d = pairwise_distances(points, metric) if distances is None else np.array(distances, dtype=np.float64)
+    d = (
+        pairwise_distances(points, metric)
+        if distances is None
+        else np.array(distances, dtype=np.float64)
+    )
     n = d.shape[0]
     if n < 3:
         return float("nan")

@@ -119,8 +119,9 @@ def _diagonal_projection(dgm: np.ndarray) -> np.ndarray:
     return np.stack([mid, mid], axis=1)
 
 
-def sliced_wasserstein(dgm_a: np.ndarray, dgm_b: np.ndarray, n_directions: int = 50,
-                       seed: int = 0) -> float:
+def sliced_wasserstein(
+    dgm_a: np.ndarray, dgm_b: np.ndarray, n_directions: int = 50, seed: int = 0
+) -> float:
     """Sliced Wasserstein distance between two diagrams (Carrière, Cuturi & Oudot, 2017).
 
     SW(A, B) = (1/pi) * integral over theta in [-pi/2, pi/2] of the 1-Wasserstein distance
@@ -146,9 +147,12 @@ def sliced_wasserstein(dgm_a: np.ndarray, dgm_b: np.ndarray, n_directions: int =
     return float(np.abs(lhs - rhs).sum(axis=0).mean())
 
 
-def compare_diagrams(before: Mapping[str, Sequence[np.ndarray]],
-                     after: Mapping[str, Sequence[np.ndarray]], n_directions: int = 50,
-                     seed: int = 0) -> dict[str, list[float]]:
+def compare_diagrams(
+    before: Mapping[str, Sequence[np.ndarray]],
+    after: Mapping[str, Sequence[np.ndarray]],
+    n_directions: int = 50,
+    seed: int = 0,
+) -> dict[str, list[float]]:
     """Per-layer sliced Wasserstein distances between two sets of diagrams.
 
     Both mappings are layer name -> [H0, H1, ...] diagrams (as `Topology` saves them); the
@@ -162,7 +166,9 @@ def compare_diagrams(before: Mapping[str, Sequence[np.ndarray]],
     for layer, dgms_a in before.items():
         dgms_b = after[layer]
         if len(dgms_a) != len(dgms_b):
-            raise ValueError(f"diagrams: layer {layer} has {len(dgms_a)} vs {len(dgms_b)} dimensions")
+            raise ValueError(
+                f"diagrams: layer {layer} has {len(dgms_a)} vs {len(dgms_b)} dimensions"
+            )
         out[layer] = [sliced_wasserstein(a, b, n_directions, seed) for a, b in zip(dgms_a, dgms_b)]
     return out
 

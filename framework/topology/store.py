@@ -28,9 +28,12 @@ class DiagramSet:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def save_diagrams(path: str | Path, diagrams: Mapping[str, Sequence[np.ndarray]],
-                  arrays: Mapping[str, Any] | None = None,
-                  metadata: Mapping[str, Any] | None = None) -> Path:
+def save_diagrams(
+    path: str | Path,
+    diagrams: Mapping[str, Sequence[np.ndarray]],
+    arrays: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
     from safetensors.numpy import save
 
     layers = list(diagrams)
@@ -42,7 +45,9 @@ def save_diagrams(path: str | Path, diagrams: Mapping[str, Sequence[np.ndarray]]
         if "/" in layer:
             raise ValueError(f"diagrams: layer name '{layer}' must not contain '/'")
         for k, dgm in enumerate(dgms):
-            tensors[f"dgm/{layer}/h{k}"] = np.ascontiguousarray(np.asarray(dgm, dtype=np.float64).reshape(-1, 2))
+            tensors[f"dgm/{layer}/h{k}"] = np.ascontiguousarray(
+                np.asarray(dgm, dtype=np.float64).reshape(-1, 2)
+            )
     for name, value in (arrays or {}).items():
         tensors[f"arr/{name}"] = np.ascontiguousarray(np.asarray(value))
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -62,5 +67,5 @@ def load_diagrams(path: str | Path) -> DiagramSet:
     layers = json.loads(meta["layers"])
     n_dims = int(meta["max_dim"]) + 1
     diagrams = {layer: [tensors[f"dgm/{layer}/h{k}"] for k in range(n_dims)] for layer in layers}
-    arrays = {key[len("arr/"):]: value for key, value in tensors.items() if key.startswith("arr/")}
+    arrays = {key[len("arr/") :]: value for key, value in tensors.items() if key.startswith("arr/")}
     return DiagramSet(diagrams=diagrams, arrays=arrays, metadata=meta)

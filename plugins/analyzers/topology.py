@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from framework.errors import ConfigError
 from framework.models import blocks
 from framework.plots import pyplot, save_figure
 from framework.plugins import Analyzer, Context, StageResult
-from framework.topology.clouds import block_outputs, normalize_cloud, sample_tokens
 
 BETTI_STEPS = 64
 
@@ -48,7 +47,7 @@ class Topology(Analyzer):
         neural_persistence: also compute the neural persistence of every block linear.
         h1_threshold: lifetime above which an H1 feature counts as prominent.
         workers: processes running ripser (it holds the GIL); 1 runs it in-process.
-        plot_layers: blocks whose diagrams are plotted (evenly spread over `layers`).
+        plot_layers: blocks whose diagrams are plotted (evenly spread over `layers`); 0: none.
     """
 
     needs_calibration = True
@@ -59,7 +58,7 @@ class Topology(Analyzer):
         points: int = 800,
         max_dim: int = 1,
         layers: list[int] | None = None,
-        metric: Literal["euclidean", "cosine"] = "euclidean",
+        metric: str = "euclidean",
         normalize: bool = True,
         neural_persistence: bool = True,
         h1_threshold: float = 0.05,
@@ -75,7 +74,9 @@ class Topology(Analyzer):
         if metric not in topo.METRICS:
             raise ConfigError("metric", f"'{metric}' is not one of {list(topo.METRICS)}")
         if layers is not None and (len(layers) == 0 or not all(isinstance(i, int) for i in layers)):
-            raise ConfigError("layers", f"{layers} must be null or a non-empty list of block indices")
+            raise ConfigError(
+                "layers", f"{layers} must be null or a non-empty list of block indices"
+            )
         if h1_threshold < 0:
             raise ConfigError("h1_threshold", f"{h1_threshold} must be >= 0")
         if workers < 1:
@@ -110,33 +111,31 @@ class Topology(Analyzer):
         chosen = self._block_indices(len(all_blocks))
         names = [f"{ctx.arch.blocks}.{i}" for i in chosen]
 
-        t0 = time.perf_counter()
         windows = ctx.calibration(self.calibration_windows)
-        index = sample_tokens(windows.shape[0], windows.shape[1], self.points, ctx.generator())
+        index = topo.sample_tokens(windows.shape[0], windows.shape[1], self.points, ctx.generator())
         if index.numel() < 3:
-            raise ConfigError("calibration_windows", f"{windows.shape[0]} windows of "
-                              f"{windows.shape[1]} tokens give only {index.numel()} points")
-        states = block_outputs(model, [all_blocks[i] for i in chosen], windows, index)
-        t1 = time.perf_counter()
-
-        twonn: dict[str, float] = {}
-        pool = topo.executor(self.workers)
-        try:
-            futures = {}
-            for k, name in enumerate(ctx.track(names, "topology: distances")):
-                x = states[k].numpy()
-                if self.normalize and self.metric == "euclidean":
-                    x = normalize_cloud(x)
-                dist = topo.pairwise_distances(x, self.metric)
-                twonn[name] = topo.twonn_dimension(distances=dist)
-                futures[name] = pool.submit(topo.rips_diagrams, dist, self.max_dim)
-            # Neural persistence runs here while the workers compute diagrams.
-            t2 = time.perf_counter()
-            np_rows = self._neural_persistence(all_blocks, chosen, ctx) if self.neural_persistence else []
-            t3 = time.perf_counter()
-            dgms = {name: futures[name].result() for name in ctx.track(names, "topology: diagrams")}
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            raise ConfigError(
+                "calibration_windows",
+                f"{windows.shape[0]} windows of "
+                f"{windows.shape[1]} tokens give only {index.numel()} points",
+            )
+        result = topo.residual_topology(
+            model,
+            {name: all_blocks[i] for i, name in zip(chosen, names)},
+            windows,
+            index,
+            max_dim=self.max_dim,
+            metric=self.metric,
+            normalize=self.normalize,
+            workers=self.workers,
+            track=ctx.track,
+            # Neural persistence runs in this process while the workers compute diagrams.
+            concurrently=(lambda: self._neural_persistence(all_blocks, chosen, ctx))
+            if self.neural_persistence
+            else None,
+        )
+        dgms, twonn = result.diagrams, result.twonn
+        np_rows: list[dict[str, Any]] = result.concurrent_result or []
         t4 = time.perf_counter()
 
         grid = topo.filtration_grid([d for ds in dgms.values() for d in ds], BETTI_STEPS)
@@ -145,7 +144,7 @@ class Topology(Analyzer):
         for k, (i, name) in enumerate(zip(chosen, names)):
             row: dict[str, Any] = {"layer": name, "block": i, "points": int(index.numel())}
             for dim, dgm in enumerate(dgms[name]):
-                row[f"h{dim}_features"] = int(len(topo.finite(dgm)))
+                row[f"h{dim}_features"] = len(topo.finite(dgm))
                 row[f"h{dim}_total_persistence"] = topo.total_persistence(dgm)
                 row[f"h{dim}_max_persistence"] = topo.max_persistence(dgm)
             if self.max_dim >= 1:
@@ -159,15 +158,29 @@ class Topology(Analyzer):
             rows.append(row)
 
         artifact = topo.save_diagrams(
-            ctx.stage_dir(stage) / "diagrams.safetensors", dgms,
-            arrays={"betti_grid": grid, "betti_curves": betti, "token_index": index.numpy(),
-                    "twonn_dimension": np.array([twonn[n] for n in names])},
-            metadata={"metric": self.metric, "normalize": self.normalize, "points": int(index.numel()),
-                      "calibration_windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-                      "seed": ctx.seed, "stage": stage, "skip_first": 1,
-                      "betti_curves": "[layer, dim, step] over betti_grid"})
-        plots = {"diagrams": self._plot_diagrams(dgms, names, chosen, ctx, stage),
-                 "summary": self._plot_summary(rows, np_rows, grid, betti, ctx, stage)}
+            ctx.stage_dir(stage) / "diagrams.safetensors",
+            dgms,
+            arrays={
+                "betti_grid": grid,
+                "betti_curves": betti,
+                "token_index": index.numpy(),
+                "twonn_dimension": np.array([twonn[n] for n in names]),
+            },
+            metadata={
+                "metric": self.metric,
+                "normalize": self.normalize,
+                "points": int(index.numel()),
+                "calibration_windows": int(windows.shape[0]),
+                "seq_len": int(windows.shape[1]),
+                "seed": ctx.seed,
+                "stage": stage,
+                "skip_first": 1,
+                "betti_curves": "[layer, dim, step] over betti_grid",
+            },
+        )
+        plots = {"summary": self._plot_summary(rows, np_rows, grid, betti, ctx, stage)}
+        if self.plot_layers:
+            plots["diagrams"] = self._plot_diagrams(dgms, names, chosen, ctx, stage)
         t5 = time.perf_counter()
 
         metrics: dict[str, float] = {"layers": len(rows), "points": int(index.numel())}
@@ -178,33 +191,62 @@ class Topology(Analyzer):
             keys.append("neural_persistence")
         for key in keys:
             metrics[f"mean_{key}"] = float(np.nanmean([float(r[key]) for r in rows]))
-        metrics.update(forward_seconds=t1 - t0, diagram_seconds=(t2 - t1) + (t4 - t3),
-                       neural_persistence_seconds=t3 - t2, plot_seconds=t5 - t4)
+        sec = result.seconds
+        metrics.update(
+            forward_seconds=sec["forward"],
+            diagram_seconds=sec["distances"] + sec["diagrams_wait"],
+            neural_persistence_seconds=sec["concurrent"],
+            plot_seconds=t5 - t4,
+        )
         tables = {"layers": rows}
         if np_rows:
             tables["neural_persistence"] = np_rows
-        return StageResult(metrics=metrics, tables=tables, plots=plots, artifacts={"diagrams": artifact})
+        return StageResult(
+            metrics=metrics, tables=tables, plots=plots, artifacts={"diagrams": artifact}
+        )
 
-    def _neural_persistence(self, all_blocks: nn.ModuleList, chosen: list[int],
-                            ctx: Context) -> list[dict[str, Any]]:
+    def _neural_persistence(
+        self, all_blocks: nn.ModuleList, chosen: list[int], ctx: Context
+    ) -> list[dict[str, Any]]:
         rows = []
         for i in ctx.track(chosen, "neural persistence"):
             for rel in ctx.arch.linear_names():
                 layer = all_blocks[i].get_submodule(rel)
-                rows.append({"layer": f"{ctx.arch.blocks}.{i}.{rel}", "block": i, "part": rel,
-                             "shape": "x".join(map(str, layer.weight.shape)),
-                             "neural_persistence": topo.neural_persistence(layer.weight)})
+                rows.append(
+                    {
+                        "layer": f"{ctx.arch.blocks}.{i}.{rel}",
+                        "block": i,
+                        "part": rel,
+                        "shape": "x".join(map(str, layer.weight.shape)),
+                        "neural_persistence": topo.neural_persistence(layer.weight),
+                    }
+                )
         return rows
 
-    def _plot_diagrams(self, dgms: dict[str, list[np.ndarray]], names: list[str],
-                       chosen: list[int], ctx: Context, stage: str) -> Path:
+    def _plot_diagrams(
+        self,
+        dgms: dict[str, list[np.ndarray]],
+        names: list[str],
+        chosen: list[int],
+        ctx: Context,
+        stage: str,
+    ) -> Path:
         plt = pyplot()
-        k = max(1, min(self.plot_layers, len(names)))
-        picks = sorted({int(round(x)) for x in np.linspace(0, len(names) - 1, k)})
+        k = min(self.plot_layers, len(names))
+        picks = sorted({round(x) for x in np.linspace(0, len(names) - 1, k)})
         fig, axes = plt.subplots(1, len(picks), figsize=(3.6 * len(picks), 3.6), squeeze=False)
         for ax, p in zip(axes[0], picks):
-            top = max((float(topo.finite(d)[:, 1].max()) for d in dgms[names[p]] if topo.finite(d).size),
-                      default=1.0) * 1.05
+            top = (
+                max(
+                    (
+                        float(topo.finite(d)[:, 1].max())
+                        for d in dgms[names[p]]
+                        if topo.finite(d).size
+                    ),
+                    default=1.0,
+                )
+                * 1.05
+            )
             for dim, dgm in enumerate(dgms[names[p]]):
                 f = topo.finite(dgm)
                 ax.scatter(f[:, 0], f[:, 1], s=6, alpha=0.6, label=f"H{dim} ({len(f)})")
@@ -216,17 +258,27 @@ class Topology(Analyzer):
             ax.legend(fontsize=7, loc="lower right")
         axes[0][0].set_ylabel("death")
         fig.suptitle(f"persistence diagrams of the residual stream ({self.metric})")
+        fig.tight_layout()
         return save_figure(fig, ctx.output_dir / "plots" / f"{stage}_diagrams.png")
 
-    def _plot_summary(self, rows: list[dict[str, Any]], np_rows: list[dict[str, Any]],
-                      grid: np.ndarray, betti: np.ndarray, ctx: Context, stage: str) -> Path:
+    def _plot_summary(
+        self,
+        rows: list[dict[str, Any]],
+        np_rows: list[dict[str, Any]],
+        grid: np.ndarray,
+        betti: np.ndarray,
+        ctx: Context,
+        stage: str,
+    ) -> Path:
         plt = pyplot()
         fig, axes = plt.subplots(2, 3, figsize=(13, 7))
         x = [r["block"] for r in rows]
         panels: list[tuple[str, list[str]]] = [
             ("total persistence", [f"h{d}_total_persistence" for d in range(self.max_dim + 1)]),
-            (f"H1 features, lifetime > {self.h1_threshold:g}" if self.max_dim else "H0 features",
-             ["h1_prominent"] if self.max_dim else ["h0_features"]),
+            (
+                f"H1 features, lifetime > {self.h1_threshold:g}" if self.max_dim else "H0 features",
+                ["h1_prominent"] if self.max_dim else ["h0_features"],
+            ),
             ("TwoNN intrinsic dimension", ["twonn_dimension"]),
         ]
         for ax, (title, keys) in zip(axes.flat, panels):
@@ -234,22 +286,32 @@ class Topology(Analyzer):
                 ax.plot(x, [r[key] for r in rows], marker=".", label=key)
             ax.set_title(title)
             ax.set_xlabel("block")
-            if len(keys) > 1:
+            if len(keys) > 1:  # total persistence: H0 dwarfs H1
+                ax.set_yscale("log")
                 ax.legend(fontsize=7)
         ax = axes.flat[3]
         if np_rows:
             for part in dict.fromkeys(r["part"] for r in np_rows):
                 sel = [r for r in np_rows if r["part"] == part]
-                ax.plot([r["block"] for r in sel], [r["neural_persistence"] for r in sel], marker=".",
-                        label=part.split(".")[-1])
+                ax.plot(
+                    [r["block"] for r in sel],
+                    [r["neural_persistence"] for r in sel],
+                    marker=".",
+                    label=part.split(".")[-1],
+                )
             ax.set_title("normalised neural persistence")
             ax.set_xlabel("block")
             ax.legend(fontsize=7)
         else:
             ax.set_axis_off()
         for ax, dim in zip(axes.flat[4:], range(min(2, self.max_dim + 1))):
-            im = ax.imshow(betti[:, dim, :], aspect="auto", origin="lower", interpolation="nearest",
-                           extent=(float(grid[0]), float(grid[-1]), -0.5, len(rows) - 0.5))
+            im = ax.imshow(
+                betti[:, dim, :],
+                aspect="auto",
+                origin="lower",
+                interpolation="nearest",
+                extent=(float(grid[0]), float(grid[-1]), -0.5, len(rows) - 0.5),
+            )
             ax.set_title(f"Betti-{dim} curves")
             ax.set_xlabel("filtration value")
             ax.set_ylabel("analysed block (row)")

@@ -63,8 +63,9 @@ def group_options() -> list[tuple[str, str, str | None]]:
 
 
 def experiments() -> list[str]:
-    return sorted(str(p.relative_to(EXPERIMENTS_DIR).with_suffix(""))
-                  for p in EXPERIMENTS_DIR.rglob("*.yaml"))
+    return sorted(
+        str(p.relative_to(EXPERIMENTS_DIR).with_suffix("")) for p in EXPERIMENTS_DIR.rglob("*.yaml")
+    )
 
 
 GROUP_CASES = group_options()
@@ -73,7 +74,9 @@ GROUP_CASES = group_options()
 def _select(group: str, option: str, pkg: str | None) -> list[str]:
     if "/" in group:
         if pkg is None:
-            pytest.fail(f"nested group {group}/ has no entry in NESTED_PACKAGES: where is it mounted?")
+            pytest.fail(
+                f"nested group {group}/ has no entry in NESTED_PACKAGES: where is it mounted?"
+            )
         return [f"{group}@{pkg}={option}"]
     prefix = "" if group in _defaults_groups() else "+"
     return [f"{prefix}{group}={option}"]
@@ -90,8 +93,14 @@ def _case_id(case: tuple[str, str, str | None]) -> str:
 
 def test_discovery_finds_the_shipped_options() -> None:
     found = {(g, o) for g, o, _ in GROUP_CASES}
-    assert {("compressor", "rtn"), ("analyzer", "weight_stats"), ("editor", "ablate_heads"),
-            ("model", "tiny_llama"), ("data/source", "kjv"), ("debug", "default")} <= found
+    assert {
+        ("compressor", "rtn"),
+        ("analyzer", "weight_stats"),
+        ("editor", "ablate_heads"),
+        ("model", "tiny_llama"),
+        ("data/source", "kjv"),
+        ("debug", "default"),
+    } <= found
     assert not any(g.startswith(("hydra", "experiment")) for g, _, _ in GROUP_CASES)
 
 
@@ -106,8 +115,11 @@ def test_group_option_validates(case, compose_cfg) -> None:
     if group in STAGE_BASES:
         node = OmegaConf.select(cfg, group)
         assert node is not None and "_target_" in node
-        assert any(isinstance(s, STAGE_BASES[group]) and type(s).__module__ + "." + type(s).__name__
-                   == node._target_ for s in stages)
+        assert any(
+            isinstance(s, STAGE_BASES[group])
+            and type(s).__module__ + "." + type(s).__name__ == node._target_
+            for s in stages
+        )
 
 
 @pytest.mark.parametrize("key", sorted(DUMMIES))
@@ -148,7 +160,7 @@ def test_cfg_tiny(cfg_tiny, tmp_path: Path) -> None:
 
 def test_misspelled_override_names_the_key(compose_cfg) -> None:
     cfg = compose_cfg(["model=tiny_llama", "+compressor.bitz=3"])
-    with pytest.raises(SculptError, match=r"^compressor\.bitz: not an argument of") :
+    with pytest.raises(SculptError, match=r"^compressor\.bitz: not an argument of"):
         validate(cfg)
 
 

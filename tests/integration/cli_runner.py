@@ -70,13 +70,18 @@ class CliResult:
         )
 
 
-def run_sculpt(args: Sequence[str], cwd: Path, timeout: float = RUN_TIMEOUT_S) -> CliResult:
+def run_sculpt(
+    args: Sequence[str],
+    cwd: Path,
+    timeout: float = RUN_TIMEOUT_S,
+    extra_env: dict[str, str] | None = None,
+) -> CliResult:
     cwd.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     proc = subprocess.run(
         [*sculpt_command(), *args],
         cwd=cwd,
-        env=sculpt_env(),
+        env={**sculpt_env(), **(extra_env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -91,7 +96,12 @@ def run_many(jobs: dict[str, tuple[Sequence[str], Path]], workers: int = 2) -> d
     """Run several CLI invocations, `workers` at a time (each is one mostly single-threaded
     process, so two overlap well on a 2-core machine)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {name: pool.submit(run_sculpt, args, cwd) for name, (args, cwd) in jobs.items()}
+        # one compute thread each, so the processes do not oversubscribe the cores
+        threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        futures = {
+            name: pool.submit(run_sculpt, args, cwd, RUN_TIMEOUT_S, threads)
+            for name, (args, cwd) in jobs.items()
+        }
         return {name: f.result() for name, f in futures.items()}
 
 

@@ -36,7 +36,9 @@ STAGE_NAME = "contract"
 
 
 def discover() -> list[tuple[str, str]]:
-    return [(group, path.stem) for group in BASES for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+    return [
+        (group, path.stem) for group in BASES for path in sorted((CONF_DIR / group).glob("*.yaml"))
+    ]
 
 
 PLUGINS = discover()
@@ -72,7 +74,11 @@ def run_stage(node: DictConfig, group: str, output_dir: Path, make_ctx) -> Run:
             result = plugin.apply(loaded.model, ctx)
     finally:
         plugin.teardown(loaded.model, ctx)
-    model = result.model if isinstance(result, StageResult) and result.model is not None else loaded.model
+    model = (
+        result.model
+        if isinstance(result, StageResult) and result.model is not None
+        else loaded.model
+    )
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Run(plugin=plugin, loaded=loaded, before=before, after=after, result=result)
 
@@ -91,7 +97,9 @@ def outcome(request, compose_at, make_ctx, tmp_path_factory) -> Outcome:
 
 
 def _changed(run: Run) -> list[str]:
-    return [k for k, v in run.before.items() if k not in run.after or not torch.equal(v, run.after[k])]
+    return [
+        k for k, v in run.before.items() if k not in run.after or not torch.equal(v, run.after[k])
+    ]
 
 
 def test_discovery() -> None:
@@ -145,7 +153,9 @@ def test_deterministic_under_the_seed(outcome: Outcome) -> None:
         assert torch.equal(value, second.before[key])  # identical starting points
     for key, value in first.after.items():
         assert torch.equal(value, second.after[key]), f"{key} differs between two seeded runs"
-    assert _deterministic_metrics(first.result.metrics) == _deterministic_metrics(second.result.metrics)
+    assert _deterministic_metrics(first.result.metrics) == _deterministic_metrics(
+        second.result.metrics
+    )
     assert set(first.result.artifacts) == set(second.result.artifacts)
     if "compressed" in first.result.artifacts:
         a, b = (Path(r.result.artifacts["compressed"]) / "payload.bin" for r in outcome.runs)
@@ -166,12 +176,16 @@ def test_compressed_container_decodes_to_the_model(outcome: Outcome) -> None:
     if outcome.group != "compressor":
         pytest.skip("only compressors write a container")
     run = outcome.runs[0]
-    assert "compressed" in run.result.artifacts, "a compressor must write its 'compressed' container"
+    assert "compressed" in run.result.artifacts, (
+        "a compressor must write its 'compressed' container"
+    )
     decoded = read_container(run.result.artifacts["compressed"])
     assert decoded
     for name, tensor in decoded.items():
         assert name in run.after, f"container tensor '{name}' is not a model parameter"
         assert tensor.dtype == run.after[name].dtype
-        assert torch.equal(tensor, run.after[name]), f"'{name}' decodes to other weights than the model's"
+        assert torch.equal(tensor, run.after[name]), (
+            f"'{name}' decodes to other weights than the model's"
+        )
     missing = sorted(set(_changed(run)) - set(decoded))
     assert not missing, f"changed weights absent from the container (uncounted bits): {missing}"

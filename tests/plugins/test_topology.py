@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from framework import topology as topo
 from framework.config import CONF_DIR, build
@@ -17,7 +18,6 @@ from framework.data.sources import shakespeare
 from framework.errors import ConfigError
 from framework.models import build_tiny_llama
 from framework.plugins import Context
-from omegaconf import OmegaConf
 from plugins.analyzers.topology import Topology
 
 RNG_SEED = 1234
@@ -46,7 +46,9 @@ def test_cosine_metric_is_scale_free_and_a_metric():
     x = np.random.default_rng(0).standard_normal((40, 8))
     d = topo.pairwise_distances(x, "cosine")
     np.testing.assert_allclose(d, topo.pairwise_distances(3.0 * x, "cosine"), atol=1e-12)
-    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
+    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
+        x / np.linalg.norm(x, axis=1, keepdims=True)
+    ).T
     np.testing.assert_allclose(d, np.sqrt(np.clip(2 - 2 * cos, 0, None)), atol=1e-7)
     assert np.all(d[:, :, None] <= d[:, None, :] + d.T[None, :, :] + 1e-9)  # triangle inequality
     with pytest.raises(ValueError, match="metric"):
@@ -58,7 +60,9 @@ def test_total_persistence_and_betti_curve_by_hand():
     assert topo.total_persistence(dgm) == pytest.approx(2.5)  # inf feature left out
     assert topo.total_persistence(dgm, p=2) == pytest.approx(1 + 2.25)
     assert topo.count_persistent(dgm, 1.2) == 1
-    np.testing.assert_array_equal(topo.betti_curve(dgm, [0.0, 0.5, 1.0, 1.5, 2.0, 9.0]), [1, 2, 2, 2, 1, 1])
+    np.testing.assert_array_equal(
+        topo.betti_curve(dgm, [0.0, 0.5, 1.0, 1.5, 2.0, 9.0]), [1, 2, 2, 2, 1, 1]
+    )
     np.testing.assert_array_equal(topo.betti_curve(np.zeros((0, 2)), [0.0, 1.0]), [0, 0])
     grid = topo.filtration_grid([dgm, np.array([[0.0, 3.0]])], steps=4)
     np.testing.assert_allclose(grid, [0, 1, 2, 3])
@@ -87,6 +91,15 @@ def test_sliced_wasserstein_of_one_point_against_empty_matches_closed_form():
     sw = topo.sliced_wasserstein(np.array([[0.0, 1.0]]), np.zeros((0, 2)), n_directions=2000)
     assert sw == pytest.approx(math.sqrt(2) / math.pi, rel=1e-4)
     assert topo.sliced_wasserstein(np.zeros((0, 2)), np.zeros((0, 2))) == 0.0
+
+
+def test_sliced_wasserstein_agrees_with_persim():
+    persim = pytest.importorskip("persim")
+    a = topo.diagrams(noisy_circle(seed=1))[1]
+    b = topo.diagrams(noisy_circle(seed=2, noise=0.15))[1]
+    # persim integrates over the same half circle of directions with a left Riemann sum.
+    ours = topo.sliced_wasserstein(a, b, n_directions=200)
+    assert ours == pytest.approx(persim.sliced_wasserstein(a, b, M=200), rel=0.01)
 
 
 def test_compare_diagrams_per_layer():
@@ -119,7 +132,9 @@ def test_twonn_five_dimensional_gaussian():
 
 def test_twonn_ignores_duplicates():
     x = np.random.default_rng(0).standard_normal((500, 3))
-    assert topo.twonn_dimension(np.vstack([x, x[:10]])) == pytest.approx(topo.twonn_dimension(x), abs=0.2)
+    assert topo.twonn_dimension(np.vstack([x, x[:10]])) == pytest.approx(
+        topo.twonn_dimension(x), abs=0.2
+    )
     assert math.isnan(topo.twonn_dimension(np.zeros((2, 3))))
 
 
@@ -184,11 +199,16 @@ def test_neural_persistence_bounds():
 
 
 def test_diagrams_round_trip(tmp_path: Path):
-    dgms = {"model.layers.0": [np.array([[0.0, 0.5], [0.0, np.inf]]), np.zeros((0, 2))],
-            "model.layers.1": [np.array([[0.0, 1.0]]), np.array([[0.2, 0.3], [0.4, 0.9]])]}
-    path = topo.save_diagrams(tmp_path / "d" / "diagrams.safetensors", dgms,
-                              arrays={"grid": np.linspace(0, 1, 5), "index": np.arange(3)},
-                              metadata={"metric": "euclidean", "points": 3})
+    dgms = {
+        "model.layers.0": [np.array([[0.0, 0.5], [0.0, np.inf]]), np.zeros((0, 2))],
+        "model.layers.1": [np.array([[0.0, 1.0]]), np.array([[0.2, 0.3], [0.4, 0.9]])],
+    }
+    path = topo.save_diagrams(
+        tmp_path / "d" / "diagrams.safetensors",
+        dgms,
+        arrays={"grid": np.linspace(0, 1, 5), "index": np.arange(3)},
+        metadata={"metric": "euclidean", "points": 3},
+    )
     assert not list(path.parent.glob(".*"))  # no temp file left behind
     back = topo.load_diagrams(path)
     assert list(back.diagrams) == list(dgms)  # layer order kept
@@ -221,8 +241,14 @@ def calibration() -> torch.Tensor:
 
 
 def make_ctx(loaded, calibration: torch.Tensor, out: Path, seed: int = 0) -> Context:
-    return Context(tokenizer=loaded.tokenizer, arch=loaded.arch, output_dir=out, seed=seed,
-                   stage_name="topology", calibration_loader=lambda: calibration.clone())
+    return Context(
+        tokenizer=loaded.tokenizer,
+        arch=loaded.arch,
+        output_dir=out,
+        seed=seed,
+        stage_name="topology",
+        calibration_loader=lambda: calibration.clone(),
+    )
 
 
 def run(tmp_path: Path, calibration: torch.Tensor, seed: int = 0, **kwargs):
@@ -252,7 +278,8 @@ def test_analyzer_on_tiny_llama(tmp_path: Path, calibration: torch.Tensor):
     assert all(math.isfinite(v) for v in result.metrics.values())
     assert result.metrics["layers"] == 2
     assert result.metrics["mean_h1_total_persistence"] == pytest.approx(
-        np.mean([r["h1_total_persistence"] for r in rows]))
+        np.mean([r["h1_total_persistence"] for r in rows])
+    )
     for path in [*result.plots.values(), *result.artifacts.values()]:
         assert Path(path).is_file() and Path(path).stat().st_size > 0
     assert set(result.plots) == {"diagrams", "summary"}
@@ -274,7 +301,10 @@ def test_analyzer_is_deterministic_under_the_seed(tmp_path: Path, calibration: t
     c = run(tmp_path / "c", calibration, seed=1)
     assert _stable(a.metrics) == _stable(b.metrics)
     assert a.tables == b.tables
-    da, db = topo.load_diagrams(a.artifacts["diagrams"]), topo.load_diagrams(b.artifacts["diagrams"])
+    da, db = (
+        topo.load_diagrams(a.artifacts["diagrams"]),
+        topo.load_diagrams(b.artifacts["diagrams"]),
+    )
     for layer in da.diagrams:
         for x, y in zip(da.diagrams[layer], db.diagrams[layer]):
             np.testing.assert_array_equal(x, y)
@@ -284,19 +314,55 @@ def test_analyzer_is_deterministic_under_the_seed(tmp_path: Path, calibration: t
 
 
 def test_analyzer_options(tmp_path: Path, calibration: torch.Tensor):
-    result = run(tmp_path, calibration, layers=[-1], max_dim=0, metric="cosine",
-                 neural_persistence=False, points=10_000)
+    result = run(
+        tmp_path,
+        calibration,
+        layers=[-1],
+        max_dim=0,
+        metric="cosine",
+        neural_persistence=False,
+        points=10_000,
+        plot_layers=0,
+    )
     (row,) = result.tables["layers"]
     assert row["block"] == 1 and row["points"] == 4 * 63  # all tokens but each window's first
     assert "h1_features" not in row and "neural_persistence" not in result.tables
     assert "mean_neural_persistence" not in result.metrics
+    assert set(result.plots) == {"summary"}
     assert len(topo.load_diagrams(result.artifacts["diagrams"]).diagrams[row["layer"]]) == 1
     with pytest.raises(ConfigError, match="layers"):
         run(tmp_path, calibration, layers=[2])
 
 
-@pytest.mark.parametrize("kwargs", [{"max_dim": 2}, {"metric": "manhattan"}, {"points": 2},
-                                    {"layers": []}, {"calibration_windows": 0}, {"workers": 0}])
+def test_block_outputs_are_the_residual_stream(calibration: torch.Tensor):
+    from framework.topology.clouds import block_outputs, sample_tokens
+
+    model = build_tiny_llama().model.eval()
+    windows = calibration[:2]
+    index = sample_tokens(2, windows.shape[1], 50, torch.Generator().manual_seed(0))
+    got = block_outputs(model, list(model.model.layers), windows, index)
+    with torch.no_grad():
+        hidden = model(input_ids=windows, output_hidden_states=True).hidden_states
+    first = hidden[1][:, 1:].reshape(-1, hidden[1].shape[-1])[index].double()
+    torch.testing.assert_close(got[0], first)
+    # transformers applies the final norm to the last hidden_states entry; the hook does not.
+    last = hidden[-1][:, 1:].reshape(-1, hidden[-1].shape[-1])[index].double()
+    normed = model.model.norm(got[1].float()).double()
+    torch.testing.assert_close(normed, last, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[1], last)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_dim": 2},
+        {"metric": "manhattan"},
+        {"points": 2},
+        {"layers": []},
+        {"calibration_windows": 0},
+        {"workers": 0},
+    ],
+)
 def test_constructor_rejects(kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         Topology(**kwargs)

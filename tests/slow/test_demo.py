@@ -13,8 +13,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
-from cli_runner import assert_complete_run_folder, run_sculpt  # noqa: E402
-from wandb_reader import find_run_files, read_run  # noqa: E402
+from cli_runner import assert_complete_run_folder, run_sculpt
+from wandb_reader import find_run_files, read_run
 
 pytestmark = pytest.mark.slow
 

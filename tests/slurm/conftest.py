@@ -152,7 +152,16 @@ def run_sweep(slurm_cluster: Cluster, tmp_path: Path):
 
     def run(*overrides: str, timeout: float, name: str = "sweep") -> Sweep:
         sweep_dir = tmp_path / name
-        cmd = [str(SCULPT), "-m", "launcher=slurm", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+        # 2 GB per job (a tiny job peaks near 0.7 GB): two jobs fit side by side even on a
+        # CI machine with little memory, where the default 4 GB would queue them one by one.
+        cmd = [
+            str(SCULPT),
+            "-m",
+            "launcher=slurm",
+            *overrides,
+            "hydra.launcher.mem_gb=2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
         start = time.monotonic()
         try:

@@ -59,7 +59,9 @@ def test_tiny_llama_shapes() -> None:
 
 
 def test_unknown_model_type_names_it() -> None:
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    )
     with pytest.raises(SculptError, match=r"^model: unsupported architecture 'gpt2'") as err:
         arch_for(model)
     assert "llama" in str(err.value)  # lists what is supported
@@ -72,7 +74,13 @@ def test_model_without_config_is_unsupported() -> None:
 
 def test_missing_blocks_names_the_path() -> None:
     """A bare LlamaModel has model_type 'llama' but its blocks sit at 'layers'."""
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     with pytest.raises(SculptError, match=r"has no 'model\.layers'"):
         arch_for(LlamaModel(config))

@@ -31,8 +31,13 @@ def test_misspelled_argument_names_the_key() -> None:
 
 @pytest.mark.parametrize(
     ("arg", "value", "type_name"),
-    [("bits", "three", "int"), ("bits", 3.5, "int"), ("bits", True, "int"),
-     ("symmetric", "yes", "bool"), ("group_size", [1], "int | None")],
+    [
+        ("bits", "three", "int"),
+        ("bits", 3.5, "int"),
+        ("bits", True, "int"),
+        ("symmetric", "yes", "bool"),
+        ("group_size", [1], "int | None"),
+    ],
 )
 def test_wrong_type_names_the_key(arg: str, value, type_name: str) -> None:
     with pytest.raises(SculptError, match=rf"^compressor\.{arg}: .* is not a valid {type_name}"):
@@ -61,11 +66,19 @@ def test_missing_value_names_the_key() -> None:
 
 def test_interpolated_missing_value_names_the_key() -> None:
     """data=text_file: each side's source.path is ${data.path}, which is ??? until set."""
-    cfg = OmegaConf.create({
-        "data": {"path": "???",
-                 "evaluation": {"source": {"_target_": "framework.data.sources.text_file",
-                                           "path": "${data.path}"}}},
-    })
+    cfg = OmegaConf.create(
+        {
+            "data": {
+                "path": "???",
+                "evaluation": {
+                    "source": {
+                        "_target_": "framework.data.sources.text_file",
+                        "path": "${data.path}",
+                    }
+                },
+            },
+        }
+    )
     with pytest.raises(SculptError, match=r"^data\.evaluation\.source\.path: must be set") as err:
         check_config(cfg)
     assert "${data.path} is ???" in str(err.value)
@@ -74,7 +87,9 @@ def test_interpolated_missing_value_names_the_key() -> None:
 
 
 def test_unimportable_target_names_the_key() -> None:
-    with pytest.raises(SculptError, match=r"^compressor\._target_: cannot import 'plugins\.nope\.X'"):
+    with pytest.raises(
+        SculptError, match=r"^compressor\._target_: cannot import 'plugins\.nope\.X'"
+    ):
         check_node(OmegaConf.create({"_target_": "plugins.nope.X"}), "compressor")
     with pytest.raises(SculptError, match=r"^compressor: no _target_"):
         check_node(OmegaConf.create({"bits": 3}), "compressor")
@@ -86,12 +101,18 @@ def test_interpolated_values_are_not_type_checked_early() -> None:
 
 
 def test_check_config_walks_nested_nodes_and_lists() -> None:
-    cfg = OmegaConf.create({
-        "data": {"evaluation": {"source": {"_target_": "framework.data.sources.kjv", "cache": 1}}},
-    })
+    cfg = OmegaConf.create(
+        {
+            "data": {
+                "evaluation": {"source": {"_target_": "framework.data.sources.kjv", "cache": 1}}
+            },
+        }
+    )
     with pytest.raises(SculptError, match=r"^data\.evaluation\.source\.cache: not an argument"):
         check_config(cfg)
-    cfg = OmegaConf.create({"stages": [{"_target_": RTN_TARGET}, {"_target_": RTN_TARGET, "bits": "x"}]})
+    cfg = OmegaConf.create(
+        {"stages": [{"_target_": RTN_TARGET}, {"_target_": RTN_TARGET, "bits": "x"}]}
+    )
     with pytest.raises(SculptError, match=r"^stages\[1\]\.bits:"):
         check_config(cfg)
 
@@ -104,8 +125,10 @@ def test_build_instantiates() -> None:
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [({"bits": 9}, r"^compressor\.bits: 9 is out of range \[2, 8\]$"),
-     ({"group_size": 0}, r"^compressor\.group_size: 0 must be >= 1")],
+    [
+        ({"bits": 9}, r"^compressor\.bits: 9 is out of range \[2, 8\]$"),
+        ({"group_size": 0}, r"^compressor\.group_size: 0 must be >= 1"),
+    ],
 )
 def test_constructor_config_error_gets_the_key(args: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=r"^bits|^group_size"):

@@ -143,9 +143,7 @@ def test_missing_payload(container) -> None:
     assert str(path / PAYLOAD) in str(err.value)
 
 
-@pytest.mark.parametrize(
-    "text", ["{not json", json.dumps({"format": "zip"}), json.dumps([1, 2])]
-)
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"format": "zip"}), json.dumps([1, 2])])
 def test_corrupt_or_foreign_manifest(container, text: str) -> None:
     path, _ = container
     (path / MANIFEST).write_text(text)

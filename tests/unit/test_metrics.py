@@ -86,8 +86,14 @@ def test_nan_weights_raise(tiny, tiny_windows) -> None:
 
 def _tiny_bert() -> BertModel:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=384,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     return BertModel(config).eval()
 
 
@@ -108,4 +114,5 @@ def test_encoder_cosine(tiny_windows) -> None:
         emb = model(input_ids=windows).last_hidden_state.mean(1)
         embr = ref(input_ids=windows).last_hidden_state.mean(1)
     assert moved["cosine_to_reference"] == pytest.approx(
-        float(F.cosine_similarity(emb, embr, dim=-1).mean()), rel=1e-5)
+        float(F.cosine_similarity(emb, embr, dim=-1).mean()), rel=1e-5
+    )

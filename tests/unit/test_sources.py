@@ -126,8 +126,12 @@ def test_non_utf8_file_in_glob_names_the_file(tmp_path: Path) -> None:
 @pytest.mark.skipif(not HAS_DATASETS, reason="the 'datasets' package is not installed")
 def test_hf_dataset_local_jsonl(tmp_path: Path) -> None:
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"text": t, "n": i}) + "\n"
-                            for i, t in enumerate(["first row", "", "second row", "third"])))
+    rows.write_text(
+        "".join(
+            json.dumps({"text": t, "n": i}) + "\n"
+            for i, t in enumerate(["first row", "", "second row", "third"])
+        )
+    )
     text = sources.hf_dataset(name="json", split="train", data_files=str(rows), field="text")
     assert text == "first row\n\nsecond row\n\nthird"  # empty rows dropped
     assert sources.hf_dataset(name="json", data_files=str(rows), max_rows=2) == "first row"

@@ -128,7 +128,9 @@ RATE_CASES = [(48, 16, 3), (40, 16, 3), (40, 12, 4), (40, None, 1), (96, 32, 3)]
 def test_bits_per_weight_matches_hand_count(tmp_path, cols, group, groups, bits, symmetric) -> None:
     """Per weight: b code bits, plus per group one fp16 scale (16 bits) and, asymmetric,
     one b-bit zero point; a short last group counts as a whole group."""
-    enc, _ = encode(weight(cols=cols), UniformGrid(bits=bits, group_size=group, symmetric=symmetric))
+    enc, _ = encode(
+        weight(cols=cols), UniformGrid(bits=bits, group_size=group, symmetric=symmetric)
+    )
     side_bits_per_group = 16 + (0 if symmetric else bits)
     expected = bits + groups * side_bits_per_group / cols
     if group is not None and cols % group == 0:
