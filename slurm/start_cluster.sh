@@ -61,7 +61,7 @@ render_conf() {
 node_state() { sinfo -h -N -n "$HOST" -o %t 2>/dev/null | head -n 1; }
 ctld_up() { scontrol ping 2>/dev/null | grep -q "is UP"; }
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 db_up() { mariadb-admin --connect-timeout=2 ping 2>/dev/null | grep -q alive; }
 dbd_up() { timeout 10 sacctmgr -n -P list cluster format=cluster >/dev/null 2>&1; }
 sacct_ok() { [ "$ACCOUNTING" != 1 ] || timeout 10 sacct -n -X -S now >/dev/null 2>&1; }

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Stop the one-machine cluster that slurm/start_cluster.sh started: slurmctld and slurmd via
-# `scontrol shutdown` (running jobs are killed; their state is kept in /var/spool/slurmctld),
-# then slurmdbd, MariaDB and munged. Safe to run when nothing (or only part) is running.
+# `scontrol shutdown`, then slurmdbd, MariaDB and munged. Running jobs are not killed: their
+# slurmstepd keeps them going, and the next start picks them up from the state saved in
+# /var/spool/slurmctld. Safe to run when nothing (or only part) is running.
 set -uo pipefail
 
 say() { echo "slurm: $*"; }
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 TIMEOUT="${SLURM_START_TIMEOUT:-60}"
 
 if command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q "is UP"; then
+  jobs="$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')"
+  # Not cancelled here (see above); `scancel <ids>` first if they should go.
+  [ -z "$jobs" ] || say "jobs still queued or running (kept): $jobs"
   say "scontrol shutdown"
   scontrol shutdown >/dev/null 2>&1 || say "scontrol shutdown failed (continuing)"
 elif running /run/slurmd.pid || running /run/slurmctld.pid; then
