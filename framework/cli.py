@@ -16,8 +16,19 @@ from framework.config import CONF_DIR as CONF_PATH
 from framework.errors import SculptError, one_line
 
 CONF_DIR = str(CONF_PATH)
-_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--cfg", "-c",
-               "--shell-completion", "-sc", "--resolve"}
+_INFO_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--version",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--shell-completion",
+    "-sc",
+    "--resolve",
+}
 _MAX_PREFLIGHT = 64
 
 log = logging.getLogger("sculpt")
@@ -50,7 +61,9 @@ def preflight(argv: list[str]) -> None:
     from framework.run import validate
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    overrides = [
+        a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")
+    ]
     if any(a.startswith(("--config-", "-cp", "-cn", "--experimental")) for a in argv):
         return  # a different primary config: let Hydra handle it
     try:

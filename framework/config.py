@@ -66,12 +66,18 @@ def check_node(node: DictConfig, key: str) -> None:
                 raise SculptError(f"{key}.{name}: must be set ({raw} is ???)") from exc
             except Exception:  # e.g. ${hydra:...} outside a Hydra app: checked when built
                 pass
-        value = node._get_node(name)._value() if OmegaConf.is_interpolation(node, name) is False else None
+        value = (
+            node._get_node(name)._value()
+            if OmegaConf.is_interpolation(node, name) is False
+            else None
+        )
         if value is None or name not in hints:
             continue
         if isinstance(value, DictConfig | ListConfig) and "_target_" in value:
             continue
-        plain = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+        plain = (
+            OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+        )
         if not _matches(plain, hints[name]):
             raise SculptError(
                 f"{key}.{name}: {plain!r} is not a valid {_type_name(hints[name])} for {target}"

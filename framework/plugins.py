@@ -149,9 +149,7 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Keep numeric entries only, as plain floats (W&B and JSON friendly)."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        if isinstance(value, bool):
-            out[key] = float(value)
-        elif isinstance(value, int | float):
+        if isinstance(value, int | float):  # bool is an int
             out[key] = float(value)
         elif isinstance(value, torch.Tensor) and value.numel() == 1:
             out[key] = float(value.item())

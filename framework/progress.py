@@ -13,7 +13,9 @@ T = TypeVar("T")
 def make_tracker(interactive: bool | None = None):
     interactive = sys.stdout.isatty() if interactive is None else interactive
 
-    def track(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
+    def track(
+        iterable: Iterable[T], description: str = "", total: int | None = None
+    ) -> Iterator[T]:
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         if interactive:
@@ -36,5 +38,3 @@ def _plain(iterable: Iterable[T], description: str, total: int | None) -> Iterat
             print(f"  {description}: {i}/{total} ({time.perf_counter() - start:.1f} s)", flush=True)
     if not marks:
         print(f"  {description}: {i} done ({time.perf_counter() - start:.1f} s)", flush=True)
-
-

@@ -29,7 +29,9 @@ def summary_rows(result: RunResult) -> list[dict[str, Any]]:
     rows = []
     for r in result.stages:
         m, e = r.metrics, r.eval
-        row: dict[str, Any] = {"stage": r.name if r.name == r.kind or r.kind == "reference" else f"{r.name} ({r.kind})"}
+        row: dict[str, Any] = {
+            "stage": r.name if r.name == r.kind or r.kind == "reference" else f"{r.name} ({r.kind})"
+        }
         for key in ("perplexity", "kl", "top1_agreement", "cosine_to_reference", "eval_seconds"):
             row[key] = e.get(key)
         row["bits_per_weight"] = m.get("bits_per_weight")
@@ -101,9 +103,15 @@ def render_report(result: RunResult, cfg: DictConfig) -> str:
             continue
         out.append(f"## Stage `{r.name}` ({r.target})\n")
         for name, path in r.artifacts.items():
-            out.append(f"- artifact `{name}`: `{Path(path).relative_to(result.output_dir) if _inside(path, result.output_dir) else path}`")
+            out.append(
+                f"- artifact `{name}`: `{Path(path).relative_to(result.output_dir) if _inside(path, result.output_dir) else path}`"
+            )
         for name, path in r.plots.items():
-            rel = Path(path).relative_to(result.output_dir) if _inside(path, result.output_dir) else path
+            rel = (
+                Path(path).relative_to(result.output_dir)
+                if _inside(path, result.output_dir)
+                else path
+            )
             out.append(f"\n![{name}]({rel})\n")
         for name, table in r.tables.items():
             out.append(f"\n### {name}\n")
@@ -139,5 +147,7 @@ def print_summary(result: RunResult) -> None:
     console.print(table)
     model_bytes = result.stages[-1].metrics.get("model_dir_bytes")
     saved = f"; model/ {model_bytes / 2**20:,.1f} MiB" if model_bytes else ""
-    console.print(f"outputs: {result.output_dir}  (report.md, metrics.json, model/, compressed/{saved})")
+    console.print(
+        f"outputs: {result.output_dir}  (report.md, metrics.json, model/, compressed/{saved})"
+    )
     console.print(f"tracking: {result.logger_description}")

@@ -90,7 +90,9 @@ def resolve_stages(cfg: DictConfig) -> list[StageSpec]:
 def build_stage(spec: StageSpec) -> Stage:
     plugin = build(spec.node, spec.key)
     if not isinstance(plugin, Stage):
-        raise SculptError(f"{spec.key}._target_: {spec.node._target_} is not a Compressor, Analyzer or Editor")
+        raise SculptError(
+            f"{spec.key}._target_: {spec.node._target_} is not a Compressor, Analyzer or Editor"
+        )
     return plugin
 
 
@@ -103,8 +105,13 @@ def validate(cfg: DictConfig) -> list[Stage]:
 def _windows(cfg: DictConfig, key: str, tokenizer: Any, max_positions: int | None) -> torch.Tensor:
     node = OmegaConf.select(cfg, key)
     source = build(node.source, f"{key}.source", _partial_=True)
-    spec = WindowSpec(source=source, windows=int(node.windows), seq_len=int(node.seq_len),
-                      sampling=str(node.sampling), seed=int(node.get("seed", 0)))
+    spec = WindowSpec(
+        source=source,
+        windows=int(node.windows),
+        seq_len=int(node.seq_len),
+        sampling=str(node.sampling),
+        seed=int(node.get("seed", 0)),
+    )
     return build_windows(tokenizer, spec, key, max_positions)
 
 
@@ -113,12 +120,17 @@ def _evaluate(model: nn.Module, ctx: Context, eval_cfg: DictConfig, label: str) 
     fills the cache."""
     assert ctx.evaluation_windows is not None
     first = ctx.reference_outputs is None
-    kwargs: dict[str, Any] = dict(reference=ctx.reference_outputs, batch_size=int(eval_cfg.batch_size),
-                                  track=ctx.track, description=f"eval {label}")
+    kwargs: dict[str, Any] = dict(
+        reference=ctx.reference_outputs,
+        batch_size=int(eval_cfg.batch_size),
+        track=ctx.track,
+        description=f"eval {label}",
+    )
     with measure() as m:
         if ctx.arch.causal:
-            got = evaluate_causal_lm(model, ctx.evaluation_windows, cache_head=ctx.arch.head if first else None,
-                                     **kwargs)
+            got = evaluate_causal_lm(
+                model, ctx.evaluation_windows, cache_head=ctx.arch.head if first else None, **kwargs
+            )
         else:
             got = evaluate_encoder(model, ctx.evaluation_windows, cache=first, **kwargs)
     metrics, cache = got if first else (got, None)
@@ -128,20 +140,27 @@ def _evaluate(model: nn.Module, ctx: Context, eval_cfg: DictConfig, label: str) 
     return metrics
 
 
-def _check_validators(eval_cfg: DictConfig, stage: str, ref: dict[str, float], got: dict[str, float]) -> None:
+def _check_validators(
+    eval_cfg: DictConfig, stage: str, ref: dict[str, float], got: dict[str, float]
+) -> None:
     limit = eval_cfg.get("max_ppl_increase")
     if limit is not None and "perplexity" in got:
         rise = got["perplexity"] / ref["perplexity"] - 1.0
         if not rise <= float(limit):
             raise SculptError(
                 f"eval.max_ppl_increase: stage '{stage}' raised perplexity by {rise:+.1%} "
-                f"({ref['perplexity']:.3f} -> {got['perplexity']:.3f}), limit {float(limit):+.1%}")
-    for key, metric, worse in (("max_kl", "kl", lambda v, t: v > t),
-                               ("min_top1", "top1_agreement", lambda v, t: v < t),
-                               ("min_cosine", "cosine_to_reference", lambda v, t: v < t)):
+                f"({ref['perplexity']:.3f} -> {got['perplexity']:.3f}), limit {float(limit):+.1%}"
+            )
+    for key, metric, worse in (
+        ("max_kl", "kl", lambda v, t: v > t),
+        ("min_top1", "top1_agreement", lambda v, t: v < t),
+        ("min_cosine", "cosine_to_reference", lambda v, t: v < t),
+    ):
         threshold = eval_cfg.get(key)
         if threshold is not None and metric in got and worse(got[metric], float(threshold)):
-            raise SculptError(f"eval.{key}: stage '{stage}' has {metric}={got[metric]:.4f}, limit {float(threshold)}")
+            raise SculptError(
+                f"eval.{key}: stage '{stage}' has {metric}={got[metric]:.4f}, limit {float(threshold)}"
+            )
 
 
 def run(cfg: DictConfig) -> RunResult:
@@ -158,7 +177,9 @@ def run(cfg: DictConfig) -> RunResult:
     logger: RunLogger = build(cfg.logger, "logger") if cfg.get("logger") else RunLogger()
     failed = True
     try:
-        logger.start(OmegaConf.to_container(cfg, resolve=True), out, name=str(cfg.get("task_name", "sculpt")))
+        logger.start(
+            OmegaConf.to_container(cfg, resolve=True), out, name=str(cfg.get("task_name", "sculpt"))
+        )
         result = _run(cfg, stages, specs, out, track, logger)
         failed = False
         return result
@@ -172,30 +193,57 @@ def run(cfg: DictConfig) -> RunResult:
         logger.finish(failed=failed)
 
 
-def _run(cfg: DictConfig, stages: list[Stage], specs: list[StageSpec], out: Path, track: Any,
-         logger: RunLogger) -> RunResult:
+def _run(
+    cfg: DictConfig,
+    stages: list[Stage],
+    specs: list[StageSpec],
+    out: Path,
+    track: Any,
+    logger: RunLogger,
+) -> RunResult:
     records: list[StageRecord] = []
     with measure() as m_load:
         loaded: LoadedModel = build(cfg.model, "model")
     model = loaded.model
-    log.info("model %s (%s, %.1fM parameters) loaded in %.1f s", loaded.name, loaded.arch.family,
-             sum(p.numel() for p in model.parameters()) / 1e6, m_load.seconds)
+    log.info(
+        "model %s (%s, %.1fM parameters) loaded in %.1f s",
+        loaded.name,
+        loaded.arch.family,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        m_load.seconds,
+    )
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    ctx = Context(tokenizer=loaded.tokenizer, arch=loaded.arch, output_dir=out, seed=int(cfg.seed),
-                  progress=track)
+    ctx = Context(
+        tokenizer=loaded.tokenizer,
+        arch=loaded.arch,
+        output_dir=out,
+        seed=int(cfg.seed),
+        progress=track,
+    )
     ctx.evaluation_windows = _windows(cfg, "data.evaluation", loaded.tokenizer, max_pos)
     if cfg.data.get("calibration") is not None:
-        ctx.calibration_loader = lambda: _windows(cfg, "data.calibration", loaded.tokenizer, max_pos)
+        ctx.calibration_loader = lambda: _windows(
+            cfg, "data.calibration", loaded.tokenizer, max_pos
+        )
 
     ref_metrics = _evaluate(model, ctx, cfg.eval, "reference")
     n_weights = sum(w.numel() for w in _block_weights(model, loaded))
-    ref_record = StageRecord(name="reference", kind="reference", target=loaded.name,
-                             metrics={"load_seconds": m_load.seconds, "load_peak_rss_mb": m_load.peak_rss_mb,
-                                      "bits_per_weight": float(torch.finfo(_block_weights(model, loaded)[0].dtype).bits),
-                                      "coded_weights": float(n_weights)},
-                             eval=ref_metrics)
+    ref_record = StageRecord(
+        name="reference",
+        kind="reference",
+        target=loaded.name,
+        metrics={
+            "load_seconds": m_load.seconds,
+            "load_peak_rss_mb": m_load.peak_rss_mb,
+            "bits_per_weight": float(torch.finfo(_block_weights(model, loaded)[0].dtype).bits),
+            "coded_weights": float(n_weights),
+        },
+        eval=ref_metrics,
+    )
     records.append(ref_record)
-    logger.log_metrics({f"reference/{k}": v for k, v in {**ref_record.metrics, **ref_metrics}.items()})
+    logger.log_metrics(
+        {f"reference/{k}": v for k, v in {**ref_record.metrics, **ref_metrics}.items()}
+    )
     _log_eval_line("reference", ref_metrics)
     last_eval = ref_metrics
 
@@ -219,11 +267,18 @@ def _run(cfg: DictConfig, stages: list[Stage], specs: list[StageSpec], out: Path
         if result.model is not None:
             model = result.model
         if before is not None and _fingerprint(model) != before:
-            raise SculptError(f"{spec.key}: {spec.node._target_} changed weights but its changes_weights flag is False")
-        record = StageRecord(name=spec.name, kind=plugin.kind, target=str(spec.node._target_),
-                             metrics={**flat_metrics(result.metrics), **m.as_metrics()},
-                             artifacts={k: str(v) for k, v in result.artifacts.items()},
-                             tables=result.tables, plots={k: str(v) for k, v in result.plots.items()})
+            raise SculptError(
+                f"{spec.key}: {spec.node._target_} changed weights but its changes_weights flag is False"
+            )
+        record = StageRecord(
+            name=spec.name,
+            kind=plugin.kind,
+            target=str(spec.node._target_),
+            metrics={**flat_metrics(result.metrics), **m.as_metrics()},
+            artifacts={k: str(v) for k, v in result.artifacts.items()},
+            tables=result.tables,
+            plots={k: str(v) for k, v in result.plots.items()},
+        )
         if "compressed" in result.artifacts:
             size = container_size(result.artifacts["compressed"])
             record.metrics.update(size)
@@ -234,7 +289,9 @@ def _run(cfg: DictConfig, stages: list[Stage], specs: list[StageSpec], out: Path
             _check_validators(cfg.eval, spec.name, ref_metrics, record.eval)
             last_eval = record.eval
         records.append(record)
-        logger.log_metrics({f"{spec.name}/{k}": v for k, v in {**record.metrics, **record.eval}.items()})
+        logger.log_metrics(
+            {f"{spec.name}/{k}": v for k, v in {**record.metrics, **record.eval}.items()}
+        )
         # tables/ and plots/ sub-namespaces: a table named like a metric (analyzer's
         # `layers` table vs its `layers` count) must not share one W&B key with it.
         for key, rows in record.tables.items():
@@ -254,18 +311,36 @@ def _run(cfg: DictConfig, stages: list[Stage], specs: list[StageSpec], out: Path
         for k, v in {**r.metrics, **r.eval}.items():
             flat[f"{r.name}/{k}"] = v
     flat.update({f"final/{k}": v for k, v in last_eval.items()})
-    result = RunResult(output_dir=out, model_name=loaded.name, stages=records, metrics=flat, model=model,
-                       logger_description=logger.describe())
+    result = RunResult(
+        output_dir=out,
+        model_name=loaded.name,
+        stages=records,
+        metrics=flat,
+        model=model,
+        logger_description=logger.describe(),
+    )
     logger.summary(flat)
     atomic_write_text(out / "report.md", render_report(result, cfg))
     # metrics.json is written last: its presence marks a complete run folder.
-    atomic_write_json(out / "metrics.json", {
-        "model": loaded.name,
-        "stages": [{"name": r.name, "kind": r.kind, "target": r.target, "metrics": r.metrics, "eval": r.eval,
-                    "artifacts": r.artifacts} for r in records],
-        "summary": summary_rows(result),
-        "flat": flat,
-    })
+    atomic_write_json(
+        out / "metrics.json",
+        {
+            "model": loaded.name,
+            "stages": [
+                {
+                    "name": r.name,
+                    "kind": r.kind,
+                    "target": r.target,
+                    "metrics": r.metrics,
+                    "eval": r.eval,
+                    "artifacts": r.artifacts,
+                }
+                for r in records
+            ],
+            "summary": summary_rows(result),
+            "flat": flat,
+        },
+    )
     return result
 
 
@@ -284,8 +359,11 @@ def _fingerprint(model: nn.Module) -> int:
 
 
 def _log_eval_line(name: str, metrics: dict[str, float]) -> None:
-    parts = [f"{k}={metrics[k]:.4g}" for k in ("perplexity", "kl", "top1_agreement", "cosine_to_reference")
-             if k in metrics and math.isfinite(metrics[k])]
-    log.info("eval %s: %s (%.1f s)", name, ", ".join(parts), metrics.get("eval_seconds", float("nan")))
-
-
+    parts = [
+        f"{k}={metrics[k]:.4g}"
+        for k in ("perplexity", "kl", "top1_agreement", "cosine_to_reference")
+        if k in metrics and math.isfinite(metrics[k])
+    ]
+    log.info(
+        "eval %s: %s (%.1f s)", name, ", ".join(parts), metrics.get("eval_seconds", float("nan"))
+    )

@@ -48,7 +48,13 @@ class WandbLogger(RunLogger):
 
             raise ConfigError("mode", f"'{mode}' is not one of offline, online, disabled")
         self.project, self.mode, self.entity = project, mode, entity
-        self.group, self.job_type, self.tags, self.name, self.notes = group, job_type, list(tags or []), name, notes
+        self.group, self.job_type, self.tags, self.name, self.notes = (
+            group,
+            job_type,
+            list(tags or []),
+            name,
+            notes,
+        )
         self.system_stats = system_stats
         self._run: Any = None
 
@@ -89,7 +95,13 @@ class WandbLogger(RunLogger):
             import wandb
 
             columns = list(rows[0])
-            self._run.log({key: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+            self._run.log(
+                {
+                    key: wandb.Table(
+                        columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+                    )
+                }
+            )
 
     def summary(self, metrics: dict[str, float]) -> None:
         if self._run is not None:

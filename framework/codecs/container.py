@@ -49,7 +49,9 @@ def register_codec(name: str, decode: Callable[[EncodedTensor], torch.Tensor]) -
     DECODERS[name] = decode
 
 
-def write_container(path: str | Path, tensors: dict[str, EncodedTensor], meta: dict[str, Any] | None = None) -> Path:
+def write_container(
+    path: str | Path, tensors: dict[str, EncodedTensor], meta: dict[str, Any] | None = None
+) -> Path:
     """Write atomically: the folder appears complete or not at all."""
     path = Path(path)
     entries: dict[str, Any] = {}
@@ -137,7 +139,9 @@ def read_container(path: str | Path) -> dict[str, torch.Tensor]:
         except (ValueError, RuntimeError) as exc:
             raise SculptError(f"{path}: cannot decode '{name}' ({exc})") from exc
         if tuple(tensor.shape) != enc.shape:
-            raise SculptError(f"{path}: '{name}' decoded to {tuple(tensor.shape)}, manifest says {enc.shape}")
+            raise SculptError(
+                f"{path}: '{name}' decoded to {tuple(tensor.shape)}, manifest says {enc.shape}"
+            )
         out[name] = tensor
     return out
 

@@ -24,7 +24,9 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in [1, 8], got {bits}")
     if len(data) != packed_size(count, bits):
-        raise ValueError(f"expected {packed_size(count, bits)} bytes for {count} codes of {bits} bits, got {len(data)}")
+        raise ValueError(
+            f"expected {packed_size(count, bits)} bytes for {count} codes of {bits} bits, got {len(data)}"
+        )
     raw = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:
         return raw.copy()

@@ -71,19 +71,28 @@ def _to_fp16(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(s16 > 0, s16, torch.full_like(s16, _FP16_TINY))
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: UniformGrid
+) -> torch.Tensor:
     """Integer codes [rows, cols] for w under the given per-group parameters."""
     idx = grid.column_groups(w.shape[1])
     return torch.clamp(torch.round(w.float() / scale[:, idx]) + zero[:, idx], 0, grid.qmax)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: UniformGrid
+) -> torch.Tensor:
     idx = grid.column_groups(codes.shape[1])
     return (codes.float() - zero[:, idx]) * scale[:, idx]
 
 
-def encode(w: torch.Tensor, grid: UniformGrid, codes: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> tuple[EncodedTensor, torch.Tensor]:
+def encode(
+    w: torch.Tensor,
+    grid: UniformGrid,
+    codes: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+) -> tuple[EncodedTensor, torch.Tensor]:
     """Encode w (or already chosen codes/params, e.g. from GPTQ) -> (container entry, w_hat)."""
     if w.dim() != 2:
         raise ValueError(f"uniform codec takes 2-D weights, got shape {tuple(w.shape)}")
@@ -109,17 +118,29 @@ def encode(w: torch.Tensor, grid: UniformGrid, codes: torch.Tensor | None = None
 
 def decode(enc: EncodedTensor) -> torch.Tensor:
     rows, cols = enc.shape
-    grid = UniformGrid(int(enc.params["bits"]), enc.params["group_size"], bool(enc.params["symmetric"]))
+    grid = UniformGrid(
+        int(enc.params["bits"]), enc.params["group_size"], bool(enc.params["symmetric"])
+    )
     n_groups = grid.groups(cols)
-    codes = torch.from_numpy(unpack_bits(enc.sections["codes"], grid.bits, rows * cols).astype(np.int64))
+    codes = torch.from_numpy(
+        unpack_bits(enc.sections["codes"], grid.bits, rows * cols).astype(np.int64)
+    )
     scales_raw = enc.sections["scales"]
     if len(scales_raw) != rows * n_groups * 2:
-        raise ValueError(f"scales section has {len(scales_raw)} bytes, expected {rows * n_groups * 2}")
-    scale = torch.from_numpy(np.frombuffer(scales_raw, dtype=np.float16).copy()).float().view(rows, n_groups)
+        raise ValueError(
+            f"scales section has {len(scales_raw)} bytes, expected {rows * n_groups * 2}"
+        )
+    scale = (
+        torch.from_numpy(np.frombuffer(scales_raw, dtype=np.float16).copy())
+        .float()
+        .view(rows, n_groups)
+    )
     if grid.symmetric:
         zero = torch.full((rows, n_groups), float(1 << (grid.bits - 1)))
     else:
-        zero = torch.from_numpy(unpack_bits(enc.sections["zeros"], grid.bits, rows * n_groups).astype(np.float32)).view(rows, n_groups)
+        zero = torch.from_numpy(
+            unpack_bits(enc.sections["zeros"], grid.bits, rows * n_groups).astype(np.float32)
+        ).view(rows, n_groups)
     return dequantize(codes.view(rows, cols), scale, zero, grid)
 
 

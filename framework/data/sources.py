@@ -22,7 +22,9 @@ def _read(path: Path, key: str) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise SculptError(f"{key}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise SculptError(
+            f"{key}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
     except OSError as exc:
         raise SculptError(f"{key}: cannot read {path}: {exc.strerror}") from exc
     return text
@@ -132,9 +134,13 @@ def hf_dataset(
     except FileNotFoundError as exc:
         raise SculptError(f"data.source.data_files: {exc}") from exc
     except (ValueError, ConnectionError, OSError) as exc:
-        raise SculptError(f"data.source.name: cannot load dataset '{name}' split '{split}': {exc}") from exc
+        raise SculptError(
+            f"data.source.name: cannot load dataset '{name}' split '{split}': {exc}"
+        ) from exc
     if field not in ds.column_names:
-        raise SculptError(f"data.source.field: '{field}' is not a column of '{name}' ({ds.column_names})")
+        raise SculptError(
+            f"data.source.field: '{field}' is not a column of '{name}' ({ds.column_names})"
+        )
     rows = ds[field] if max_rows is None else ds[field][:max_rows]
     text = separator.join(r for r in rows if r)
     return _nonempty(text, f"data.source: dataset '{name}' split '{split}'")

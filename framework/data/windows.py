@@ -55,7 +55,9 @@ def make_windows(ids: torch.Tensor, spec: WindowSpec, key: str) -> torch.Tensor:
     return torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])
 
 
-def build_windows(tokenizer: Any, spec: WindowSpec, key: str, max_positions: int | None) -> torch.Tensor:
+def build_windows(
+    tokenizer: Any, spec: WindowSpec, key: str, max_positions: int | None
+) -> torch.Tensor:
     if max_positions is not None and spec.seq_len > max_positions:
         raise SculptError(
             f"{key}.seq_len: {spec.seq_len} exceeds the model's maximum of {max_positions} "

@@ -5,11 +5,11 @@ their mean-pooled output embeddings to the reference's."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -142,4 +142,6 @@ def evaluate_encoder(
 def _check_finite(metrics: dict[str, float], where: str) -> None:
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
-        raise SculptError(f"eval: {', '.join(bad)} is not finite during '{where}' (NaN/Inf in the model's outputs)")
+        raise SculptError(
+            f"eval: {', '.join(bad)} is not finite during '{where}' (NaN/Inf in the model's outputs)"
+        )

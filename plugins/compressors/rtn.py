@@ -47,13 +47,20 @@ class RTN(Compressor):
             enc, w_hat = encode(w.float(), self.grid)
             sq_err += float((w_hat - w.float()).pow(2).sum())
             sq_norm += float(w.float().pow(2).sum())
-            bounds.append({"tensor": name, **tensor_bound(w, w_hat, 8.0 * enc.nbytes() / w.numel())})
+            bounds.append(
+                {"tensor": name, **tensor_bound(w, w_hat, 8.0 * enc.nbytes() / w.numel())}
+            )
             sizes.append(w.numel())
             layer.weight.data.copy_(w_hat.to(w.dtype))
             encoded[f"{name}.weight"] = enc
-        path = write_container(ctx.stage_dir("compressed"), encoded, meta={"method": "rtn", **self.grid.__dict__})
-        plot = plot_bounds(bounds, ctx.output_dir / "plots" / f"{ctx.stage_name or 'rtn'}_rate_distortion.png",
-                           f"RTN {self.grid.bits}-bit, group {self.grid.group_size or 'per-channel'}")
+        path = write_container(
+            ctx.stage_dir("compressed"), encoded, meta={"method": "rtn", **self.grid.__dict__}
+        )
+        plot = plot_bounds(
+            bounds,
+            ctx.output_dir / "plots" / f"{ctx.stage_name or 'rtn'}_rate_distortion.png",
+            f"RTN {self.grid.bits}-bit, group {self.grid.group_size or 'per-channel'}",
+        )
         return StageResult(
             metrics={
                 "layers": len(linears),

@@ -31,12 +31,16 @@ class AblateHeads(Editor):
         removed = 0
         for layer_idx, head_list in self.heads.items():
             if not 0 <= layer_idx < len(layers):
-                raise ConfigError("heads", f"layer {layer_idx} does not exist (model has {len(layers)})")
+                raise ConfigError(
+                    "heads", f"layer {layer_idx} does not exist (model has {len(layers)})"
+                )
             o_proj = layers[layer_idx].get_submodule(ctx.arch.o)
             head_dim = o_proj.in_features // n_heads
             for h in head_list:
                 if not 0 <= h < n_heads:
-                    raise ConfigError("heads", f"head {h} of layer {layer_idx} does not exist ({n_heads} heads)")
+                    raise ConfigError(
+                        "heads", f"head {h} of layer {layer_idx} does not exist ({n_heads} heads)"
+                    )
                 o_proj.weight[:, h * head_dim : (h + 1) * head_dim] = 0
                 removed += 1
         return StageResult(metrics={"heads_removed": removed})
