@@ -12,6 +12,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str | Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give them the modes an ordinary write
+    would (0666/0777 less the umask), so collaborators on a shared cluster can read runs."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,6 +33,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -55,6 +68,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
     try:
         yield staging
+        _publish_mode(staging, directory=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)

@@ -112,7 +112,14 @@ def _windows(cfg: DictConfig, key: str, tokenizer: Any, max_positions: int | Non
         sampling=str(node.sampling),
         seed=int(node.get("seed", 0)),
     )
-    return build_windows(tokenizer, spec, key, max_positions)
+    try:
+        return build_windows(tokenizer, spec, key, max_positions)
+    except SculptError as exc:
+        # Sources name themselves "data.source"; say which side's source it was.
+        message = str(exc)
+        if message.startswith("data.source"):
+            raise SculptError(f"{key}.source{message[len('data.source') :]}") from exc
+        raise
 
 
 def _evaluate(model: nn.Module, ctx: Context, eval_cfg: DictConfig, label: str) -> dict[str, float]:

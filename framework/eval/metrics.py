@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from framework.errors import SculptError
 
@@ -58,6 +57,8 @@ def evaluate_causal_lm(
     """Metrics of `model` on `windows`; against `reference` (a model, or the cache a
     previous call returned) also KL and top-1 agreement. With cache_head (the LM head's
     module name) it also returns the ReferenceCache of this model's outputs."""
+    from torchmetrics.aggregation import MeanMetric, SumMetric  # heavy: only when evaluating
+
     model.eval()
     # nan_strategy="disable": torchmetrics' default drops NaNs with a warning, which would
     # score a NaN model as perplexity 1.0; keep them so _check_finite refuses the result.
@@ -115,6 +116,8 @@ def evaluate_encoder(
     cache: bool = False,
 ) -> tuple[dict[str, float], ReferenceCache | None] | dict[str, float]:
     """Cosine similarity of mean-pooled output embeddings to the reference's."""
+    from torchmetrics.aggregation import MeanMetric
+
     model.eval()
     cos_mean, norm_mean = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
     batches = list(windows.split(batch_size))
