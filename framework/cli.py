@@ -81,7 +81,7 @@ def preflight(argv: list[str]) -> None:
                 cfg = compose(config_name="config", overrides=list(combo))
             except Exception as exc:
                 raise SculptError(f"config: {one_line(exc)}") from exc
-            validate(cfg)
+            validate(cfg, skip_unused=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -92,11 +92,24 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         result = run(cfg)
     except SculptError as exc:
+        if _in_multirun():
+            # Let the launcher record this job as failed (submitit writes the error into
+            # the job's result, the basic sweeper raises after the batch): the other jobs
+            # still run and the sweep exits non-zero.
+            print(f"sculpt: error: {exc}", file=sys.stderr, flush=True)
+            raise
         fail(str(exc))
         return None
     print_summary(result)
     metric = cfg.get("optimized_metric")
     return result.metrics.get(metric) if metric else None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:

@@ -96,10 +96,15 @@ def build_stage(spec: StageSpec) -> Stage:
     return plugin
 
 
-def validate(cfg: DictConfig) -> list[Stage]:
-    """Everything checkable without loading a model: signatures, types, ranges."""
-    check_config(cfg)
-    return [build_stage(s) for s in resolve_stages(cfg)]
+def validate(cfg: DictConfig, skip_unused: bool = False) -> list[Stage]:
+    """Everything checkable without loading a model: signatures, types, ranges.
+
+    skip_unused: leave out the trainer node when no stage trains. Binding it imports
+    Lightning (seconds per process), which a sweep of quick jobs pays once per job."""
+    stages = [build_stage(s) for s in resolve_stages(cfg)]
+    trains = any(stage.needs_gradients for stage in stages)
+    check_config(cfg, skip=("trainer",) if skip_unused and not trains else ())
+    return stages
 
 
 def _windows(cfg: DictConfig, key: str, tokenizer: Any, max_positions: int | None) -> torch.Tensor:
@@ -173,7 +178,7 @@ def _check_validators(
 def run(cfg: DictConfig) -> RunResult:
     """One composed config -> one run folder with metrics.json, report.md, plots, model/,
     compressed/. Raises SculptError on bad input (the CLI turns it into one line)."""
-    stages = validate(cfg)
+    stages = validate(cfg, skip_unused=True)
     specs = resolve_stages(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,9 +189,8 @@ def run(cfg: DictConfig) -> RunResult:
     logger: RunLogger = build(cfg.logger, "logger") if cfg.get("logger") else RunLogger()
     failed = True
     try:
-        logger.start(
-            OmegaConf.to_container(cfg, resolve=True), out, name=str(cfg.get("task_name", "sculpt"))
-        )
+        name, group = _run_identity(cfg)
+        logger.start(OmegaConf.to_container(cfg, resolve=True), out, name=name, group=group)
         result = _run(cfg, stages, specs, out, track, logger)
         failed = False
         return result
@@ -349,6 +353,25 @@ def _run(
         },
     )
     return result
+
+
+def _run_identity(cfg: DictConfig) -> tuple[str, str | None]:
+    """A tracking name that tells a sweep's jobs apart (task, job number, overrides) and a
+    group shared by one sweep (its folder's name)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    name = str(cfg.get("task_name", "sculpt"))
+    if not HydraConfig.initialized():
+        return name, None
+    hc = HydraConfig.get()
+    group = None
+    if hc.mode == RunMode.MULTIRUN:
+        group = f"{name}-{Path(hc.sweep.dir).name}"
+        name = f"{name}-{hc.job.num}"
+    if hc.job.override_dirname:
+        name = f"{name} [{hc.job.override_dirname}]"
+    return name, group
 
 
 def _block_weights(model: nn.Module, loaded: LoadedModel) -> list[torch.Tensor]:

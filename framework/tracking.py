@@ -13,7 +13,9 @@ class RunLogger:
 
     run_dir: Path | None = None
 
-    def start(self, config: dict[str, Any], output_dir: Path, name: str) -> None: ...
+    def start(
+        self, config: dict[str, Any], output_dir: Path, name: str, group: str | None = None
+    ) -> None: ...
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_image(self, key: str, path: Path) -> None: ...
     def log_table(self, key: str, rows: list[dict[str, Any]]) -> None: ...
@@ -58,14 +60,16 @@ class WandbLogger(RunLogger):
         self.system_stats = system_stats
         self._run: Any = None
 
-    def start(self, config: dict[str, Any], output_dir: Path, name: str) -> None:
+    def start(
+        self, config: dict[str, Any], output_dir: Path, name: str, group: str | None = None
+    ) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self._run = wandb.init(
             project=self.project,
             entity=self.entity,
-            group=self.group,
+            group=self.group or group,
             job_type=self.job_type,
             tags=self.tags,
             name=self.name or name,

@@ -53,6 +53,8 @@ def group_options() -> list[tuple[str, str, str | None]]:
         rel = path.relative_to(CONF_DIR)
         if len(rel.parts) < 2 or rel.parts[0] in ("hydra", "experiment"):
             continue
+        if rel.parts[0] == "launcher" and path.stem.startswith("local_"):
+            continue  # a site's git-ignored account settings, not a shipped option
         group, option = "/".join(rel.parts[:-1]), path.stem
         if "/" in group:
             for pkg in NESTED_PACKAGES.get(group, [None]):
