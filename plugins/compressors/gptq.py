@@ -7,9 +7,11 @@ The calibration is sequential, block by block: the inputs of the first block are
 once (with whatever keyword arguments the model hands its blocks: attention mask, rotary
 position embeddings, position ids), then each block accumulates the Hessians of its linears
 on its current inputs, is quantized, and is run again with the quantized weights; those
-outputs are the next block's inputs, so every block sees the errors made upstream. Only one
-block's activations are held at a time ([windows, seq, hidden] floats), and windows go
-through a block in chunks of `batch_size`.
+outputs are the next block's inputs, so every block sees the errors made upstream
+(`quantized_inputs: false` instead takes each block's outputs from its Hessian pass, before
+its weights change: the original model's activations, one forward per block instead of
+two). Only one block's activations are held at a time ([windows, seq, hidden] floats), and
+windows go through a block in chunks of `batch_size`.
 
 `true_sequential` runs each block once per group of linears that share an input (q/k/v,
 then o, then the MLP's up/gate, then its down projection), so a group's Hessian sees the
@@ -322,27 +324,37 @@ def _run_block(block: nn.Module, inputs: _BlockInputs, write: bool) -> None:
             inputs.hidden[rows] = out
 
 
-def _gram(flat: torch.Tensor) -> torch.Tensor:
-    """X^T X of [tokens, features] in float32, returned as float64. On CPU through BLAS
-    ssyrk when scipy is there (half the flops of a matmul: only one triangle is computed)."""
+# Below this width MKL's full matmul beats OpenBLAS's ssyrk on this kind of machine.
+_SYRK_MIN_FEATURES = 1024
+
+
+def _gram(flat: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """X^T X of [tokens, features] (float32 products, float64 result) -> (product,
+    upper_only). Wide inputs on CPU go through BLAS ssyrk when scipy is there: half the flops
+    of a matmul, but only the upper triangle is filled (symmetrize after summing)."""
     flat = flat.to(torch.float32)
-    if flat.device.type == "cpu" and _ssyrk is not None:
+    if flat.device.type == "cpu" and _ssyrk is not None and flat.shape[1] >= _SYRK_MIN_FEATURES:
         # A C-contiguous [n, d] array is the F-contiguous [d, n] one syrk wants: no copy.
-        upper = torch.from_numpy(_ssyrk(1.0, flat.contiguous().numpy().T, trans=0, lower=0))
-        upper = upper.to(torch.float64)
-        return upper.triu() + upper.triu(1).T
-    return (flat.T @ flat).to(torch.float64)
+        upper = _ssyrk(1.0, flat.contiguous().numpy().T, trans=0, lower=0)
+        return torch.from_numpy(upper).to(torch.float64), True
+    return (flat.T @ flat).to(torch.float64), False
 
 
 def _accumulate_hessians(
-    block: nn.Module, layers: dict[str, nn.Linear], inputs: _BlockInputs
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    inputs: _BlockInputs,
+    outputs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """H = 2 X^T X / tokens for each layer, from one pass of the block over the inputs
-    (stopped as soon as every layer has seen its input). Layers fed the same tensor (q/k/v)
-    share one product per chunk. Products in float32 per chunk, summed in float64."""
+    """H = 2 X^T X / tokens for each layer, from one pass of the block over the inputs.
+    Without `outputs` the pass stops as soon as every layer has seen its input; with it the
+    block runs to the end and its outputs are written there (may be inputs.hidden itself:
+    a chunk's outputs depend on that chunk's inputs only). Layers fed the same tensor
+    (q/k/v) share one product per chunk. Products in float32 per chunk, summed in float64."""
     sums: dict[str, torch.Tensor] = {}
+    upper_only: dict[str, bool] = {}
     tokens: dict[str, int] = dict.fromkeys(layers, 0)
-    chunk_products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(x) -> (x, X^T X)
+    chunk_products: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # id(x) -> (x, ...)
     pending: set[str] = set()
 
     def make_hook(name: str):
@@ -350,17 +362,16 @@ def _accumulate_hessians(
             x = args[0]
             cached = chunk_products.get(id(x))
             if cached is None or cached[0] is not x:
-                cached = (x, _gram(x.detach().reshape(-1, x.shape[-1])))
+                cached = (x, *_gram(x.detach().reshape(-1, x.shape[-1])))
                 chunk_products[id(x)] = cached  # holding x keeps its id from being reused
-            product = cached[1]
-            n = x.numel() // x.shape[-1]
+            _, product, upper = cached
             if name in sums:
                 sums[name] += product
             else:
-                sums[name] = product.clone()
-            tokens[name] += n
+                sums[name], upper_only[name] = product.clone(), upper
+            tokens[name] += x.numel() // x.shape[-1]
             pending.discard(name)
-            if not pending:
+            if not pending and outputs is None:
                 raise _Stop
 
         return hook
@@ -371,14 +382,23 @@ def _accumulate_hessians(
             pending.update(layers)
             chunk_products.clear()
             with suppress(_Stop):
-                block(inputs.hidden[rows], *args, **kwargs)
+                out = _first(block(inputs.hidden[rows], *args, **kwargs))
+                chunk_products.clear()
+                if outputs is not None:
+                    outputs[rows] = out
             if pending:
                 raise SculptError(f"gptq: the block's forward never called {sorted(pending)}")
     finally:
         chunk_products.clear()
         for handle in handles:
             handle.remove()
-    return {name: sums[name] * (2.0 / tokens[name]) for name in layers}
+    hessians = {}
+    for name in layers:
+        h = sums.pop(name)
+        if upper_only[name]:
+            h = h.triu() + h.triu(1).T
+        hessians[name] = h * (2.0 / tokens[name])
+    return hessians
 
 
 def sequential_groups(arch: ArchMap, true_sequential: bool) -> list[tuple[str, ...]]:
@@ -410,6 +430,9 @@ class GPTQ(Compressor):
             (implied by act_order), instead of when GPTQ reaches the group.
         true_sequential: re-run each block per group of linears (q/k/v, o, up/gate, down) so
             each group is calibrated on the outputs of the already quantized ones.
+        quantized_inputs: calibrate each block on the outputs of the already quantized
+            blocks before it (GPTQ's sequential scheme: one extra pass per block to recompute
+            them); false: on the original model's activations, one pass per block.
         calibration_windows: how many of the run's calibration windows to use (null: all).
         batch_size: calibration windows per forward chunk (bounds activation memory).
     """
@@ -423,9 +446,10 @@ class GPTQ(Compressor):
         symmetric: bool = False,
         damp: float = 0.01,
         block_size: int = 128,
-        act_order: bool = False,
+        act_order: bool = True,
         static_groups: bool = False,
         true_sequential: bool = False,
+        quantized_inputs: bool = True,
         calibration_windows: int | None = None,
         batch_size: int = 8,
     ):
@@ -446,6 +470,7 @@ class GPTQ(Compressor):
         self.act_order = act_order
         self.static_groups = static_groups
         self.true_sequential = true_sequential
+        self.quantized_inputs = quantized_inputs
         self.calibration_windows = calibration_windows
         self.batch_size = batch_size
 
@@ -475,16 +500,27 @@ class GPTQ(Compressor):
             inputs = _capture_block_inputs(model, block_list[0], windows, self.batch_size, device)
             groups = sequential_groups(arch, self.true_sequential)
             for block in ctx.track(list(block_list), description="gptq blocks"):
-                for group in groups:
+                outputs = None
+                if not self.quantized_inputs:
+                    # The block's outputs before any of its weights change are the next
+                    # block's inputs: taken from the first Hessian pass (in place when it is
+                    # the only pass over these inputs).
+                    outputs = inputs.hidden if len(groups) == 1 else torch.empty_like(inputs.hidden)
+                for i, group in enumerate(groups):
                     layers = {rel: block.get_submodule(rel) for rel in group}
-                    hessians = _accumulate_hessians(block, layers, inputs)
+                    hessians = _accumulate_hessians(
+                        block, layers, inputs, outputs=outputs if i == 0 else None
+                    )
                     for rel, layer in layers.items():
                         name = names[id(layer)]
                         encoded[f"{name}.weight"], row = self._quantize_into(
                             layer, hessians.pop(rel)
                         )
                         rows_out.append({"layer": name, "role": rel, **row})
-                _run_block(block, inputs, write=True)
+                if outputs is None:
+                    _run_block(block, inputs, write=True)
+                else:
+                    inputs.hidden = outputs
             del inputs
         finally:
             model.train(was_training)
@@ -498,6 +534,7 @@ class GPTQ(Compressor):
                 "damp": self.damp,
                 "act_order": self.act_order,
                 "true_sequential": self.true_sequential,
+                "quantized_inputs": self.quantized_inputs,
                 "calibration_windows": int(windows.shape[0]),
             },
         )

@@ -18,7 +18,14 @@ from framework.errors import ConfigError
 from framework.eval import evaluate_causal_lm
 from framework.models import block_linears, build_tiny_llama
 from framework.plugins import Context
-from plugins.compressors.gptq import GPTQ, column_blocks, gptq_quantize
+from plugins.compressors.gptq import (
+    GPTQ,
+    _accumulate_hessians,
+    _capture_block_inputs,
+    _gram,
+    column_blocks,
+    gptq_quantize,
+)
 from plugins.compressors.rtn import RTN
 
 SEQ = 128
@@ -200,6 +207,45 @@ def test_dead_columns_and_symmetric_grid():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("features", [96, 1100])  # the second goes through ssyrk if present
+def test_gram_is_x_transpose_x(features):
+    x = torch.randn(300, features, generator=torch.Generator().manual_seed(3))
+    product, upper_only = _gram(x)
+    if upper_only:
+        product = product.triu() + product.triu(1).T
+    exact = x.double().T @ x.double()
+    assert product.dtype == torch.float64
+    assert torch.allclose(product, exact, rtol=1e-5, atol=1e-3)
+
+
+def test_hessians_of_the_first_block_match_a_direct_computation(tiny, calibration):
+    """Captured block inputs (in uneven chunks) + hooks give 2 X^T X / tokens for each
+    linear, X being what that linear sees in an ordinary forward pass of the model."""
+    windows = calibration[:7]
+    block = tiny.model.model.layers[0]
+    layers = {rel: block.get_submodule(rel) for rel in tiny.arch.linear_names()}
+    seen: dict[str, list[torch.Tensor]] = {rel: [] for rel in layers}
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda _m, args, rel=rel: seen[rel].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for rel, layer in layers.items()
+    ]
+    with torch.no_grad():
+        tiny.model(input_ids=windows)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        inputs = _capture_block_inputs(tiny.model, block, windows, 3, torch.device("cpu"))
+        hessians = _accumulate_hessians(block, layers, inputs)
+    for rel, h in hessians.items():
+        x = torch.cat(seen[rel]).double()
+        expected = 2.0 * x.T @ x / x.shape[0]
+        assert torch.allclose(h, expected, rtol=1e-4, atol=1e-4 * float(expected.diag().mean())), (
+            rel
+        )
+
+
 def test_container_decodes_bit_exactly_to_model(tiny, calibration, gptq3):
     model, result = gptq3
     _assert_decodes_to_model(model, tiny, result)
@@ -215,11 +261,19 @@ def test_container_decodes_bit_exactly_to_model(tiny, calibration, gptq3):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"act_order": True, "group_size": 32},
+        {"act_order": False},
         {"act_order": True, "group_size": None, "symmetric": True},
         {"true_sequential": True, "static_groups": True},
+        {"quantized_inputs": False},
+        {"quantized_inputs": False, "true_sequential": True},
     ],
-    ids=["act_order", "act_order-per_channel-symmetric", "true_sequential-static"],
+    ids=[
+        "dynamic_groups",
+        "act_order-per_channel-symmetric",
+        "true_sequential-static",
+        "original_inputs",
+        "original_inputs-true_sequential",
+    ],
 )
 def test_variants_decode_bit_exactly(tiny, calibration, tmp_path, kwargs):
     args = {"bits": 3, "group_size": 32, "calibration_windows": 8, **kwargs}
@@ -228,10 +282,11 @@ def test_variants_decode_bit_exactly(tiny, calibration, tmp_path, kwargs):
     assert result.metrics["output_relative_error"] < result.metrics["rtn_output_relative_error"]
 
 
-def test_short_last_group(tiny, calibration, tmp_path):
+@pytest.mark.parametrize("act_order", [True, False], ids=["static_groups", "dynamic_groups"])
+def test_short_last_group(tiny, calibration, tmp_path, act_order):
     """48 divides neither 64 nor 176: each row ends with a shorter group of its own."""
     model, result = _compress(
-        GPTQ(bits=3, group_size=48, calibration_windows=6, batch_size=4),
+        GPTQ(bits=3, group_size=48, act_order=act_order, calibration_windows=6, batch_size=4),
         tiny,
         calibration,
         tmp_path,
