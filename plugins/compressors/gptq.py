@@ -22,9 +22,10 @@ Groups: a group's scale and zero point are fitted (min-max, as RTN) on the parti
 updated weights when GPTQ reaches the group's first column, so they see the error spread
 from the columns before it. Column blocks (the lazy-batch width) are cut so that a group
 never starts inside a block and runs past its end, which keeps that fit exact. With
-`act_order` (columns in decreasing Hessian-diagonal order) the groups stay contiguous in
-the original column order, as the container stores them, and are fitted once up front on
-the original weights ("static groups"); `static_groups` asks for the same without act_order.
+`act_order` (the default: columns in decreasing Hessian-diagonal order, llm-compressor's
+"static" actorder) the groups stay contiguous in the original column order, as the
+container stores them, and are fitted once up front on the original weights ("static
+groups"); `static_groups` asks for the same without act_order.
 
 The codes and parameters chosen are written with the uniform codec, and the weights placed
 in the model are that codec's decode, bit for bit.
@@ -533,6 +534,7 @@ class GPTQ(Compressor):
                 **self.grid.__dict__,
                 "damp": self.damp,
                 "act_order": self.act_order,
+                "static_groups": self.static_groups,
                 "true_sequential": self.true_sequential,
                 "quantized_inputs": self.quantized_inputs,
                 "calibration_windows": int(windows.shape[0]),
@@ -553,6 +555,12 @@ class GPTQ(Compressor):
             "calibration_windows": int(windows.shape[0]),
             "calibration_tokens": int(windows.numel()),
         }
+        log.info(
+            "gptq: %d layers, mean relative output error %.4g (RTN on the same grid %.4g)",
+            metrics["layers"],
+            metrics["output_relative_error"],
+            metrics["rtn_output_relative_error"],
+        )
         return StageResult(
             metrics=metrics, artifacts={"compressed": path}, tables={"by_role": _by_role(rows_out)}
         )
