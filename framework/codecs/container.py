@@ -174,18 +174,32 @@ def _entry_to_encoded(entry: dict[str, Any], data: bytes) -> EncodedTensor:
 
 
 def container_size(path: str | Path) -> dict[str, float]:
-    """Rate accounting from the bytes on disk: payload bits / number of coded weights."""
+    """Rate accounting from the bytes on disk: payload bits / number of coded weights.
+
+    Entries whose params say ``in_rate: false`` (full-precision weights outside the coded
+    set that a method had to change, e.g. a rotated embedding: framework.codecs.raw) are
+    left out of bits_per_weight and reported as outside_rate_bytes / outside_rate_weights."""
     path = Path(path)
     manifest = read_manifest(path)
     payload = (path / PAYLOAD).stat().st_size
-    n_weights = sum(_numel(e["shape"]) for e in manifest["tensors"].values())
+    n_weights, outside_bytes, outside_weights = 0, 0, 0
+    for e in manifest["tensors"].values():
+        if isinstance(e.get("params"), dict) and e["params"].get("in_rate") is False:
+            outside_bytes += sum(int(s["length"]) for s in e["sections"].values())
+            outside_weights += _numel(e["shape"])
+        else:
+            n_weights += _numel(e["shape"])
     manifest_bytes = (path / MANIFEST).stat().st_size
-    return {
+    out = {
         "payload_bytes": float(payload),
         "manifest_bytes": float(manifest_bytes),
         "coded_weights": float(n_weights),
-        "bits_per_weight": 8.0 * payload / max(n_weights, 1),
+        "bits_per_weight": 8.0 * (payload - outside_bytes) / max(n_weights, 1),
     }
+    if outside_weights:
+        out["outside_rate_bytes"] = float(outside_bytes)
+        out["outside_rate_weights"] = float(outside_weights)
+    return out
 
 
 def _numel(shape: list[int]) -> int:

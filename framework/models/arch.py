@@ -27,6 +27,13 @@ class ArchMap:
     embed: str
     head: str | None  # None: no LM head (encoders)
     num_heads_attr: str = "num_attention_heads"
+    # The MLP input projection that enters the block linearly (Llama's up_proj, multiplied
+    # by the gate's activation): per-neuron scalings fold through it exactly. None: every
+    # MLP input passes through a nonlinearity (framework.transforms needs it to scale).
+    mlp_up: str | None = None
+    # Rotary position embeddings in the rotate_half layout (pairs i, i + head_dim/2): only
+    # rotations inside those planes commute with them (framework.transforms).
+    rotary: bool = False
 
     def linear_names(self) -> tuple[str, ...]:
         return (self.q, self.k, self.v, self.o, *self.mlp_in, self.mlp_out)
@@ -47,6 +54,8 @@ _LLAMA = ArchMap(
     final_norm="model.norm",
     embed="model.embed_tokens",
     head="lm_head",
+    mlp_up="mlp.up_proj",
+    rotary=True,
 )
 
 _OPT = ArchMap(

@@ -43,13 +43,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework.codecs import write_container
 from framework.codecs.uniform import UniformGrid, dequantize, encode, fit_params, quantize_codes
 from framework.errors import ConfigError, SculptError
 from framework.models import block_linears, blocks
 from framework.models.arch import ArchMap
 from framework.plugins import Compressor, Context, StageResult
-from plugins.compressors.rtn import check_grid_args
+from plugins.compressors.rtn import Quantized, check_grid_args
 
 log = logging.getLogger("sculpt")
 
@@ -486,8 +485,12 @@ class GPTQ(Compressor):
             static_groups=self.static_groups,
         )
 
-    @torch.no_grad()
     def compress(self, model: nn.Module, ctx: Context) -> StageResult:
+        return self.quantize(model, ctx).result(ctx)
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module, ctx: Context) -> Quantized:
+        """GPTQ the block linears in place; the container is not written yet."""
         windows = ctx.calibration(self.calibration_windows)
         arch = ctx.arch
         names = {id(layer): name for name, layer in block_linears(model, arch).items()}
@@ -526,20 +529,16 @@ class GPTQ(Compressor):
         finally:
             model.train(was_training)
 
-        path = write_container(
-            ctx.stage_dir("compressed"),
-            encoded,
-            meta={
-                "method": "gptq",
-                **self.grid.__dict__,
-                "damp": self.damp,
-                "act_order": self.act_order,
-                "static_groups": self.static_groups,
-                "true_sequential": self.true_sequential,
-                "quantized_inputs": self.quantized_inputs,
-                "calibration_windows": int(windows.shape[0]),
-            },
-        )
+        meta = {
+            "method": "gptq",
+            **self.grid.__dict__,
+            "damp": self.damp,
+            "act_order": self.act_order,
+            "static_groups": self.static_groups,
+            "true_sequential": self.true_sequential,
+            "quantized_inputs": self.quantized_inputs,
+            "calibration_windows": int(windows.shape[0]),
+        }
         n = max(len(rows_out), 1)
         sq_err = sum(r["_sq_err"] for r in rows_out)
         sq_norm = sum(r["_sq_norm"] for r in rows_out)
@@ -561,8 +560,8 @@ class GPTQ(Compressor):
             metrics["output_relative_error"],
             metrics["rtn_output_relative_error"],
         )
-        return StageResult(
-            metrics=metrics, artifacts={"compressed": path}, tables={"by_role": _by_role(rows_out)}
+        return Quantized(
+            encoded=encoded, meta=meta, metrics=metrics, tables={"by_role": _by_role(rows_out)}
         )
 
     def _quantize_into(

@@ -5,15 +5,52 @@ b-bit grid with one fp16 scale (and, asymmetric, one b-bit zero point) per group
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
-from framework.codecs import write_container
+from framework.codecs import EncodedTensor, write_container
 from framework.codecs.uniform import UniformGrid, encode
 from framework.errors import ConfigError
 from framework.models import block_linears
 from framework.plugins import Compressor, Context, StageResult
 from framework.ratedistortion import plot_bounds, summarize_bounds, tensor_bound
+
+
+@dataclass
+class Quantized:
+    """A quantizer's outcome before its container is written: the coded block linears
+    and what the stage reports. Lets another compressor (rotate_quant) add tensors of its
+    own to the same container instead of re-implementing the quantizer."""
+
+    encoded: dict[str, EncodedTensor]
+    meta: dict[str, Any]
+    metrics: dict[str, float]
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    plots: dict[str, Path] = field(default_factory=dict)
+
+    def result(
+        self,
+        ctx: Context,
+        extra: dict[str, EncodedTensor] | None = None,
+        meta: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> StageResult:
+        """Write the container (the coded linears plus `extra`) and the stage's result."""
+        path = write_container(
+            ctx.stage_dir("compressed"),
+            {**self.encoded, **(extra or {})},
+            meta={**self.meta, **(meta or {})},
+        )
+        return StageResult(
+            metrics={**self.metrics, **(metrics or {})},
+            artifacts={"compressed": path},
+            tables=self.tables,
+            plots=self.plots,
+        )
 
 
 def check_grid_args(bits: int, group_size: int | None) -> None:
@@ -37,8 +74,12 @@ class RTN(Compressor):
         check_grid_args(bits, group_size)
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
 
-    @torch.no_grad()
     def compress(self, model: nn.Module, ctx: Context) -> StageResult:
+        return self.quantize(model, ctx).result(ctx)
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module, ctx: Context) -> Quantized:
+        """Quantize the block linears in place; the container is not written yet."""
         linears = block_linears(model, ctx.arch)
         encoded, bounds, sizes = {}, [], []
         sq_err, sq_norm = 0.0, 0.0
@@ -53,22 +94,20 @@ class RTN(Compressor):
             sizes.append(w.numel())
             layer.weight.data.copy_(w_hat.to(w.dtype))
             encoded[f"{name}.weight"] = enc
-        path = write_container(
-            ctx.stage_dir("compressed"), encoded, meta={"method": "rtn", **self.grid.__dict__}
-        )
         plot = plot_bounds(
             bounds,
             ctx.output_dir / "plots" / f"{ctx.stage_name or 'rtn'}_rate_distortion.png",
             f"RTN {self.grid.bits}-bit, group {self.grid.group_size or 'per-channel'}",
         )
-        return StageResult(
+        return Quantized(
+            encoded=encoded,
+            meta={"method": "rtn", **self.grid.__dict__},
             metrics={
                 "layers": len(linears),
                 "weight_relative_mse": sq_err / max(sq_norm, 1e-30),
                 "nominal_bits": float(self.grid.bits),
                 **summarize_bounds(bounds, sizes),
             },
-            artifacts={"compressed": path},
             tables={"rate_distortion": bounds},
             plots={"rate_distortion": plot},
         )

@@ -1,0 +1,209 @@
+"""SliceGPT-style slicing (Ashkboos et al., 2024, arXiv:2401.15024): fold the norm scales,
+rotate the residual stream into the principal axes of its calibration activations, and
+delete the `sparsity` fraction of directions that carry the least of them. The result is
+a smaller model of the same class (hidden_size shrinks, attention heads and MLP width do
+not) that saves and reloads with plain `from_pretrained`.
+
+What this implementation chose (framework/transforms/slicing.py has the details):
+
+* One PCA basis for the whole residual stream, not one per layer: SliceGPT's per-layer
+  bases need a [k, k] matrix on every residual shortcut, which no stock Hugging Face
+  layer holds; a global basis keeps every shortcut an identity, so the sliced model is a
+  plain LlamaForCausalLM. The basis diagonalises the sum over every norm input (2 per
+  block + the final one) of the second moment of the RMS-normalised residual, so each
+  layer and each token weigh the same whatever the stream's growing scale.
+* Each RMSNorm's scale after slicing is the calibration estimate of the factor the
+  narrower norm is off by, sqrt(d / k * kept energy fraction at that norm).
+* The LM head is untied from the embedding when the final norm's scale is folded into it
+  (SmolLM2): the saved model holds two vocab x k matrices. Parameter counts are reported
+  with and without embeddings so the saving is not overstated.
+
+Rate: every tensor the slicing changed (all of them) is written at full precision
+(framework.codecs.raw); the 210 block linears count in bits/weight (32: nothing is
+quantized, the saving is in how many weights remain), embedding, head and norms are
+outside the rate, as for every other method. `block_weights_kept` is the fraction of the
+block linears' weights that remain.
+
+SliceGPT's own figure: OPT-125M, WikiText-2 perplexity 27.64 -> 37.74 at 25% slicing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from framework.codecs import write_container
+from framework.codecs.raw import encode_raw
+from framework.errors import ConfigError, SculptError
+from framework.models import block_linears
+from framework.plugins import Compressor, Context, StageResult
+from framework.transforms.slicing import kept_fraction, norm_paths, pca_basis, slice_residual
+
+log = logging.getLogger("sculpt")
+
+
+class _Stop(Exception):
+    """Ends a calibration forward at the final norm: the LM head's output is not needed."""
+
+
+@torch.no_grad()
+def residual_second_moments(
+    model: nn.Module, paths: list[str], windows: torch.Tensor, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """Per norm path: mean over tokens of u u^T, u = the norm's input / its RMS ([d, d],
+    float64). The last path ends each forward pass."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    handles = []
+
+    def hook(path: str):
+        def run(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            u = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-30))
+            gram = (u.T @ u).double()
+            sums[path] = sums[path] + gram if path in sums else gram
+            if path == paths[-1]:
+                raise _Stop
+
+        return run
+
+    device = next(model.parameters()).device
+    try:
+        for path in paths:
+            handles.append(model.get_submodule(path).register_forward_pre_hook(hook(path)))
+        for start in range(0, windows.shape[0], batch_size):
+            chunk = windows[start : start + batch_size].to(device)
+            try:
+                model(input_ids=chunk, use_cache=False)
+            except _Stop:
+                pass
+            else:
+                raise SculptError("slice: the model's forward never reached its final norm")
+            tokens += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: s / tokens for p, s in sums.items()}
+
+
+def _params(model: nn.Module, exclude: tuple[str, ...] = ()) -> int:
+    skip = {id(model.get_submodule(e).weight) for e in exclude}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+class Slice(Compressor):
+    """Delete the least-used directions of the (rotated) residual stream.
+
+    Args:
+        sparsity: fraction of the residual width to delete, in [0, 1).
+        calibration_windows: calibration windows for the PCA (null: all of the run's).
+        batch_size: windows per forward chunk.
+        round_to: keep a multiple of this many dimensions (rounded down, at least one).
+        norm_correction: set each norm's scale from the calibration (see the module
+            docstring); false: the plain sqrt(d / k) width correction.
+    """
+
+    needs_calibration = True
+
+    def __init__(
+        self,
+        sparsity: float = 0.25,
+        calibration_windows: int | None = 32,
+        batch_size: int = 4,
+        round_to: int = 8,
+        norm_correction: bool = True,
+    ):
+        if not (isinstance(sparsity, int | float) and 0.0 <= sparsity < 1.0):
+            raise ConfigError("sparsity", f"{sparsity} must be a fraction in [0, 1)")
+        if calibration_windows is not None and calibration_windows < 1:
+            raise ConfigError(
+                "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
+            )
+        if batch_size < 1:
+            raise ConfigError("batch_size", f"{batch_size} must be >= 1")
+        if round_to < 1:
+            raise ConfigError("round_to", f"{round_to} must be >= 1")
+        self.sparsity = float(sparsity)
+        self.calibration_windows = calibration_windows
+        self.batch_size = batch_size
+        self.round_to = round_to
+        self.norm_correction = norm_correction
+
+    def kept_width(self, d: int) -> int:
+        keep = d - math.floor(d * self.sparsity + 1e-9)
+        return max(self.round_to, keep // self.round_to * self.round_to)
+
+    @torch.no_grad()
+    def compress(self, model: nn.Module, ctx: Context) -> StageResult:
+        arch = ctx.arch
+        if arch.head is None or arch.final_norm is None:
+            raise SculptError(f"slice: the '{arch.family}' map has no LM head / final norm")
+        embed_names = (arch.embed, arch.head)
+        d = model.get_submodule(arch.embed).weight.shape[1]
+        keep = self.kept_width(d)
+        block_before = sum(w.weight.numel() for w in block_linears(model, arch).values())
+        params_before = _params(model)
+        params_before_no_embed = _params(model, embed_names)
+
+        windows = ctx.calibration(self.calibration_windows)
+        was_training = model.training
+        model.eval()
+        try:
+            paths = norm_paths(model, arch)
+            moments = residual_second_moments(model, paths, windows, self.batch_size)
+        finally:
+            model.train(was_training)
+        eigenvalues, basis = pca_basis(sum(moments.values()))
+        fractions = {p: kept_fraction(c, basis, keep) for p, c in moments.items()}
+        gains = (
+            {p: math.sqrt(d / keep * f) for p, f in fractions.items()}
+            if self.norm_correction
+            else None
+        )
+        slice_residual(model, arch, basis, keep, gains)
+
+        linears = {f"{n}.weight" for n in block_linears(model, arch)}
+        encoded = {
+            name: encode_raw(t, in_rate=name in linears)
+            for name, t in model.state_dict().items()
+            if t.is_floating_point()
+        }
+        path = write_container(
+            ctx.stage_dir("compressed"),
+            encoded,
+            meta={"method": "slice", "hidden_before": d, "hidden_after": keep},
+        )
+        block_after = sum(w.weight.numel() for w in block_linears(model, arch).values())
+        spectrum = eigenvalues / eigenvalues.sum()
+        frac = list(fractions.values())
+        log.info(
+            "slice: residual %d -> %d, block weights kept %.1f%%, energy kept %.2f%% (min %.2f%%)",
+            d,
+            keep,
+            100 * block_after / block_before,
+            100 * sum(frac) / len(frac),
+            100 * min(frac),
+        )
+        return StageResult(
+            metrics={
+                "hidden_before": float(d),
+                "hidden_after": float(keep),
+                "sliced_fraction": 1.0 - keep / d,
+                "block_weights_kept": block_after / block_before,
+                "params_before": float(params_before),
+                "params_after": float(_params(model)),
+                "params_no_embeddings_before": float(params_before_no_embed),
+                "params_no_embeddings_after": float(_params(model, embed_names)),
+                "energy_kept_mean": sum(frac) / len(frac),
+                "energy_kept_min": min(frac),
+                "pca_spectrum_kept": float(spectrum[:keep].sum()),
+                "calibration_windows": float(windows.shape[0]),
+            },
+            artifacts={"compressed": path},
+            tables={"energy_kept": [{"norm": p, "kept": f} for p, f in fractions.items()]},
+            model=model,
+        )
