@@ -93,7 +93,10 @@ class BitshiftTrellis:
 
     def encoded_bytes(self, samples: int) -> int:
         seqs = samples // self.sequence_length
-        return seqs * self.init_bytes + (seqs * (self.sequence_length - 1) * self.bits_per_sample + 7) // 8
+        return (
+            seqs * self.init_bytes
+            + (seqs * (self.sequence_length - 1) * self.bits_per_sample + 7) // 8
+        )
 
 
 def viterbi(x: torch.Tensor, trellis: BitshiftTrellis, codebook: torch.Tensor) -> torch.Tensor:
@@ -147,7 +150,7 @@ def encode(x: np.ndarray, trellis: BitshiftTrellis) -> tuple[bytes, bytes]:
     chunk = max(1, _BACKPOINTER_BUDGET // per_seq)
     # One thread: each Viterbi step is a handful of kernels over ~10^5 floats, too small for
     # a fork/join per kernel to pay; on 2 shared cores 2 threads measured 30x slower (175 s
-    # against 5.9 s for 16k samples at L=16, k=1) and no faster on an idle machine.
+    # against 5.9 s for 16k samples at L=16, k=1).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -156,7 +159,9 @@ def encode(x: np.ndarray, trellis: BitshiftTrellis) -> tuple[bytes, bytes]:
         torch.set_num_threads(threads)
     starts = paths[:, 0].numpy().astype(f"<u{trellis.init_bytes}")
     new_bits = (paths[:, 1:] >> (trellis.state_bits - trellis.bits_per_sample)).numpy()
-    return starts.tobytes(), pack_bits(new_bits.astype(np.uint8).reshape(-1), trellis.bits_per_sample)
+    return starts.tobytes(), pack_bits(
+        new_bits.astype(np.uint8).reshape(-1), trellis.bits_per_sample
+    )
 
 
 def decode(starts: bytes, stream: bytes, trellis: BitshiftTrellis, samples: int) -> np.ndarray:
