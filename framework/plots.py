@@ -33,3 +33,25 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def line_plot(
+    path: str | Path,
+    series: dict[str, tuple[list[float], list[float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logy: bool = False,
+) -> Path:
+    """One figure of named (x, y) lines."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if len(series) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)

@@ -59,6 +59,12 @@ class Context:
     reference_outputs: Any = None
     progress: Callable[..., Any] | None = None
     stage_name: str = ""
+    # How training stages run (framework.lightning.TrainerSpec), built from the trainer
+    # config when some stage has needs_gradients.
+    trainer: Any = None
+    # Set once a stage has written a quantized container: the weights lie on a grid that
+    # training them freely would leave.
+    weights_on_grid: bool = False
     _calibration: torch.Tensor | None = None
 
     def calibration(self, max_windows: int | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from framework.checkpoints import ResumeState, StageCheckpoints
 from framework.codecs import container_size
 from framework.config import CONF_DIR, build, check_config
 from framework.data import WindowSpec, build_windows
@@ -189,8 +190,15 @@ def run(cfg: DictConfig) -> RunResult:
     logger: RunLogger = build(cfg.logger, "logger") if cfg.get("logger") else RunLogger()
     failed = True
     try:
-        name, group = _run_identity(cfg)
-        logger.start(OmegaConf.to_container(cfg, resolve=True), out, name=name, group=group)
+        name, group, tags = _run_identity(cfg)
+        logger.start(
+            OmegaConf.to_container(cfg, resolve=True),
+            out,
+            name=name,
+            group=group,
+            job_type="+".join(spec.name for spec in specs) or "evaluate",
+            tags=tags,
+        )
         result = _run(cfg, stages, specs, out, track, logger)
         failed = False
         return result
@@ -237,6 +245,16 @@ def _run(
             cfg, "data.calibration", loaded.tokenizer, max_pos
         )
 
+    if any(plugin.needs_gradients for plugin in stages):
+        ctx.trainer = build(cfg.trainer, "trainer")
+    checkpoints = StageCheckpoints(out, cfg) if cfg.get("checkpoint_stages", True) else None
+    resume = None
+    if checkpoints is not None:
+        if cfg.get("resume", True):
+            resume = checkpoints.load()
+        else:
+            checkpoints.clear()
+
     ref_metrics = _evaluate(model, ctx, cfg.eval, "reference")
     n_weights = sum(w.numel() for w in _block_weights(model, loaded))
     ref_record = StageRecord(
@@ -257,10 +275,29 @@ def _run(
     )
     _log_eval_line("reference", ref_metrics)
     last_eval = ref_metrics
+    if any(plugin.needs_reference for plugin in stages):
+        # The untouched model, whatever stage first asks for it (a distillation teacher
+        # after a compressor must see the original, not the compressed weights).
+        ctx.reference = copy.deepcopy(model).eval()
 
-    for spec, plugin in zip(specs, stages, strict=True):
-        if plugin.needs_reference and ctx.reference is None:
-            ctx.reference = copy.deepcopy(model).eval()
+    state = resume or ResumeState(fingerprint="")
+    first = 0
+    if resume is not None and checkpoints is not None:
+        first = len(resume.completed)
+        records.extend(StageRecord(**r) for r in resume.completed)
+        model = checkpoints.load_model_into(model, resume)
+        last_eval = resume.last_eval or ref_metrics
+        ctx.weights_on_grid = resume.weights_on_grid
+        log.info(
+            "resuming after %d completed stage(s) (%s) from %s",
+            first,
+            ", ".join(r["name"] for r in resume.completed) or "none",
+            checkpoints.root,
+        )
+
+    for index, (spec, plugin) in enumerate(zip(specs, stages, strict=True)):
+        if index < first:
+            continue
         ctx.stage_name = spec.name
         log.info("stage %s: %s", spec.name, spec.node._target_)
         if plugin.needs_calibration:
@@ -299,7 +336,15 @@ def _run(
             _log_eval_line(spec.name, record.eval)
             _check_validators(cfg.eval, spec.name, ref_metrics, record.eval)
             last_eval = record.eval
+        if "compressed" in result.artifacts:
+            ctx.weights_on_grid = True
         records.append(record)
+        if checkpoints is not None and index < len(specs) - 1:
+            # The last stage needs none: the run's own outputs follow at once.
+            state.completed.append(asdict(record))
+            state.last_eval = last_eval
+            state.weights_on_grid = ctx.weights_on_grid
+            checkpoints.save(state, model if plugin.changes_weights else None, index)
         logger.log_metrics(
             {f"{spec.name}/{k}": v for k, v in {**record.metrics, **record.eval}.items()}
         )
@@ -352,26 +397,35 @@ def _run(
             "flat": flat,
         },
     )
+    if checkpoints is not None:
+        checkpoints.clear()
     return result
 
 
-def _run_identity(cfg: DictConfig) -> tuple[str, str | None]:
-    """A tracking name that tells a sweep's jobs apart (task, job number, overrides) and a
-    group shared by one sweep (its folder's name)."""
+def _run_identity(cfg: DictConfig) -> tuple[str, str | None, list[str]]:
+    """A tracking name that tells a sweep's jobs apart (task, job number, overrides), a
+    group shared by one sweep (its folder's name), and tags: the experiment and the
+    model, compressor, analyzer and editor chosen."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     name = str(cfg.get("task_name", "sculpt"))
     if not HydraConfig.initialized():
-        return name, None
+        return name, None, []
     hc = HydraConfig.get()
+    choices = hc.runtime.choices
+    tags = [
+        f"{group}:{choices[group]}"
+        for group in ("experiment", "model", "analyzer", "compressor", "editor", "trainer")
+        if choices.get(group) not in (None, "null")
+    ]
     group = None
     if hc.mode == RunMode.MULTIRUN:
         group = f"{name}-{Path(hc.sweep.dir).name}"
         name = f"{name}-{hc.job.num}"
     if hc.job.override_dirname:
         name = f"{name} [{hc.job.override_dirname}]"
-    return name, group
+    return name, group, tags
 
 
 def _block_weights(model: nn.Module, loaded: LoadedModel) -> list[torch.Tensor]:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from framework.io import atomic_write_text
+
 
 class RunLogger:
     """No-op base: the `logger=none` choice, and the interface the runner uses."""
@@ -14,7 +16,13 @@ class RunLogger:
     run_dir: Path | None = None
 
     def start(
-        self, config: dict[str, Any], output_dir: Path, name: str, group: str | None = None
+        self,
+        config: dict[str, Any],
+        output_dir: Path,
+        name: str,
+        group: str | None = None,
+        job_type: str | None = None,
+        tags: list[str] | None = None,
     ) -> None: ...
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_image(self, key: str, path: Path) -> None: ...
@@ -61,17 +69,29 @@ class WandbLogger(RunLogger):
         self._run: Any = None
 
     def start(
-        self, config: dict[str, Any], output_dir: Path, name: str, group: str | None = None
+        self,
+        config: dict[str, Any],
+        output_dir: Path,
+        name: str,
+        group: str | None = None,
+        job_type: str | None = None,
+        tags: list[str] | None = None,
     ) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        # One W&B run per run folder: a resumed or requeued job continues the same run.
+        id_file = output_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        atomic_write_text(id_file, run_id + "\n")
         self._run = wandb.init(
             project=self.project,
             entity=self.entity,
+            id=run_id,
+            resume="allow",
             group=self.group or group,
-            job_type=self.job_type,
-            tags=self.tags,
+            job_type=self.job_type or job_type,
+            tags=sorted({*self.tags, *(tags or [])}),
             name=self.name or name,
             notes=self.notes,
             mode=self.mode,

@@ -96,7 +96,7 @@ def worker_command(job: TrainJob, job_dir: Path, launcher: str) -> tuple[list[st
     # Each rank gets its share of the cores rather than all of them.
     cores = os.cpu_count() or 1
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // spec.devices)))
-    if spec.strategy.startswith("deepspeed") and spec.accelerator == "cpu":
+    if spec.strategy.startswith("deepspeed") and spec.resolved_accelerator() == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     module = ["-m", "framework.lightning.worker", str(job_dir)]
     if launcher == "torchrun":
@@ -106,7 +106,7 @@ def worker_command(job: TrainJob, job_dir: Path, launcher: str) -> tuple[list[st
             "torch.distributed.run",
             "--nnodes=1",
             f"--nproc_per_node={spec.devices}",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             *module,
         ]
         return command, env
@@ -119,7 +119,7 @@ def worker_command(job: TrainJob, job_dir: Path, launcher: str) -> tuple[list[st
             text=True,
             check=True,
         ).stdout.split()
-        env.update(MASTER_ADDR=nodes[0], MASTER_PORT=str(_free_port()))
+        env.update(MASTER_ADDR=nodes[0], MASTER_PORT=str(free_port()))
         command = [
             "srun",
             f"--nodes={spec.num_nodes}",
@@ -132,7 +132,7 @@ def worker_command(job: TrainJob, job_dir: Path, launcher: str) -> tuple[list[st
     raise SculptError(f"trainer.launcher: '{launcher}' cannot start worker processes")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -169,7 +169,9 @@ class StepBatches(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(seed)
         needed = steps * batch_size
         rounds = -(-needed // len(windows))
-        self.order = torch.cat([torch.randperm(len(windows), generator=generator) for _ in range(rounds)])
+        self.order = torch.cat(
+            [torch.randperm(len(windows), generator=generator) for _ in range(rounds)]
+        )
 
     def __len__(self) -> int:
         return self.steps

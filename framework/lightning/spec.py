@@ -79,11 +79,18 @@ class TrainerSpec:
         if self.launcher != "auto":
             return self.launcher
         if self.world_size == 1 and not (
-            self.strategy.startswith("deepspeed") and self.accelerator == "cpu"
+            self.strategy.startswith("deepspeed") and self.resolved_accelerator() == "cpu"
         ):
             # DeepSpeed on CPU needs a process group even for one rank: torchrun makes one.
             return "inprocess"
         return "srun" if self.num_nodes > 1 else "torchrun"
+
+    def resolved_accelerator(self) -> str:
+        if self.accelerator != "auto":
+            return self.accelerator
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

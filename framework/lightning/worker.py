@@ -10,6 +10,7 @@ nothing pickled), trains, and rank 0 writes DIR/out/ atomically.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -124,7 +125,7 @@ def train(
     micro_steps = spec.max_steps * spec.accumulate_grad_batches
     batches = StepBatches(windows, micro_steps, spec.batch_size, job.seed, rank, world)
     start = time.perf_counter()
-    if spec.strategy.startswith("deepspeed") and spec.accelerator == "cpu":
+    if spec.strategy.startswith("deepspeed") and spec.resolved_accelerator() == "cpu":
         state, fraction = _deepspeed_cpu(module, batches, spec)
     else:
         state, fraction = _lightning(module, batches, spec)
@@ -144,13 +145,13 @@ def _lightning(
 ) -> tuple[dict[str, torch.Tensor] | None, float]:
     import lightning.pytorch as pl
 
+    # Lightning's banner lines (GPU available, fit stopped, ...) would double the run log.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     strategy: Any = "auto"
     if spec.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = ModelParallelStrategy(
-            data_parallel_size=spec.world_size, tensor_parallel_size=1
-        )
+        strategy = ModelParallelStrategy(data_parallel_size=spec.world_size, tensor_parallel_size=1)
     elif spec.strategy.startswith("deepspeed"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -164,7 +165,7 @@ def _lightning(
     # FSDP2 shards gradients as DTensors, which Lightning's norm clipping does not handle.
     clip = None if spec.strategy == "fsdp2" else spec.gradient_clip_val
     trainer = pl.Trainer(
-        accelerator=spec.accelerator,
+        accelerator=spec.resolved_accelerator(),
         devices=spec.devices,
         num_nodes=spec.num_nodes,
         strategy=strategy,

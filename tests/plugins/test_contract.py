@@ -61,10 +61,16 @@ class Outcome:
     runs: list[Run]
 
 
-def run_stage(node: DictConfig, group: str, output_dir: Path, make_ctx) -> Run:
+def run_stage(node: DictConfig, group: str, output_dir: Path, make_ctx, trainer: DictConfig) -> Run:
     plugin = build(node, group)
     loaded = build_tiny_llama()
     ctx = make_ctx(loaded, output_dir, stage_name=STAGE_NAME)
+    if plugin.needs_reference:
+        # A reference that differs from the model, as after a compressor: a stage that
+        # pulls the model towards it (distillation) then has something to do.
+        ctx.reference = build_tiny_llama(seed=1).model.eval()
+    if plugin.needs_gradients:
+        ctx.trainer = build(trainer, "trainer")
     before = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
     if plugin.needs_calibration:
         ctx.calibration()
@@ -87,12 +93,12 @@ def run_stage(node: DictConfig, group: str, output_dir: Path, make_ctx) -> Run:
 def outcome(request, compose_at, make_ctx, tmp_path_factory) -> Outcome:
     group, name = request.param
     out = tmp_path_factory.mktemp(f"{group}-{name}")
-    cfg = compose_at([f"{group}={name}", "model=tiny_llama"], out)
+    cfg = compose_at([f"{group}={name}", "model=tiny_llama", "trainer.max_steps=3"], out)
     node = cfg[group]
     torch.manual_seed(123)  # a plugin must not depend on the global RNG: reseeded differently below
-    first = run_stage(node, group, out / "run1", make_ctx)
+    first = run_stage(node, group, out / "run1", make_ctx, cfg.trainer)
     torch.manual_seed(456)
-    second = run_stage(node, group, out / "run2", make_ctx)
+    second = run_stage(node, group, out / "run2", make_ctx, cfg.trainer)
     return Outcome(group=group, name=name, node=node, runs=[first, second])
 
 

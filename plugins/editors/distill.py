@@ -1,0 +1,111 @@
+"""Distillation: recover what compression lost by training the student (the model as the
+previous stages left it) towards the teacher (the reference model kept before the first
+stage) on the calibration windows. Also plain fine-tuning (objective=causal_lm).
+
+How it runs (one process, FSDP2, DeepSpeed ZeRO-2/3, CPU or GPU) is the trainer config's
+business, not this plugin's: `sculpt editor=distill trainer=deepspeed_zero3`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from torch import nn
+
+from framework.errors import ConfigError
+from framework.plugins import Context, Editor, StageResult
+
+log = logging.getLogger("sculpt")
+
+
+class Distill(Editor):
+    """objective: `distill` (KL to the teacher's next-token distribution, optionally plus
+    `hidden_weight` x MSE of final hidden states) or `causal_lm` (next-token cross-entropy).
+    trainable: `auto` trains norm scales and biases only when a previous stage left the
+    weights on a quantization grid (so the container stays valid), everything otherwise
+    (a sliced or pruned model); `all` / `norms` force either.
+    windows: calibration windows to train on (null: all of them)."""
+
+    needs_calibration = True
+    needs_reference = True
+    needs_gradients = True
+
+    def __init__(
+        self,
+        objective: Literal["distill", "causal_lm"] = "distill",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        temperature: float = 1.0,
+        hidden_weight: float = 0.0,
+        trainable: Literal["auto", "all", "norms"] = "auto",
+        windows: int | None = None,
+    ):
+        if not lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {lr}")
+        if not temperature > 0:
+            raise ConfigError("temperature", f"must be > 0, got {temperature}")
+        if hidden_weight < 0:
+            raise ConfigError("hidden_weight", f"must be >= 0, got {hidden_weight}")
+        if windows is not None and windows < 1:
+            raise ConfigError("windows", f"must be >= 1 or null, got {windows}")
+        self.objective, self.lr, self.weight_decay = objective, lr, weight_decay
+        self.temperature, self.hidden_weight = temperature, hidden_weight
+        self.trainable, self.windows = trainable, windows
+
+    def edit(self, model: nn.Module, ctx: Context) -> StageResult:
+        from framework.lightning.launch import fit
+        from framework.lightning.modules import Objectives
+        from framework.lightning.worker import TrainJob
+        from framework.plots import line_plot
+
+        trainable = self.trainable
+        if trainable == "auto":
+            trainable = "norms" if ctx.weights_on_grid else "all"
+        elif trainable == "all" and ctx.weights_on_grid:
+            log.warning(
+                "editor.trainable=all on quantized weights: the trained weights leave the "
+                "grid, so the saved container no longer matches model/"
+            )
+        teacher = ctx.reference if self.objective == "distill" else None
+        if self.objective == "distill" and teacher is None:
+            raise ConfigError("objective", "distill needs the reference model (none was kept)")
+        job = TrainJob(
+            spec=ctx.trainer,
+            objectives=Objectives(
+                objective=self.objective,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                temperature=self.temperature,
+                hidden_weight=self.hidden_weight,
+                trainable=trainable,
+            ),
+            seed=ctx.seed,
+            block_path=ctx.arch.blocks,
+        )
+        out_dir = ctx.stage_dir(ctx.stage_name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        windows = ctx.calibration(self.windows)
+        outcome = fit(model, teacher, windows, job, out_dir)
+        losses = outcome["losses"]
+        plot = line_plot(
+            out_dir / "loss.png",
+            {"training loss": (list(range(1, len(losses) + 1)), losses)},
+            title=f"{self.objective} ({job.spec.strategy}, {outcome['world_size']} process(es))",
+            xlabel="micro-step",
+            ylabel="loss",
+        )
+        fractions = outcome["parameter_fractions"]
+        return StageResult(
+            metrics={
+                "loss_first": losses[0],
+                "loss_last": losses[-1],
+                "steps": float(job.spec.max_steps),
+                "train_seconds": outcome["seconds"],
+                "world_size": float(outcome["world_size"]),
+                "trainable_parameters": float(outcome["trainable_parameters"]),
+                "rank_parameter_share_max": max(fractions),
+            },
+            tables={"loss": [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]},
+            plots={"loss": plot},
+        )

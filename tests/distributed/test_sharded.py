@@ -1,0 +1,123 @@
+"""Sharded training and sharded weight edits with real torch.distributed processes (gloo,
+2 ranks on CPU): FSDP2 through Lightning's ModelParallelStrategy, and DeepSpeed ZeRO-3
+through a DeepSpeed engine with its CPU accelerator. `make test-distributed`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from framework.lightning.launch import fit, free_port
+from framework.lightning.modules import Objectives
+from framework.lightning.spec import TrainerSpec
+from framework.lightning.worker import TrainJob
+from framework.models import build_tiny_llama
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4
+
+
+def _problem() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """A perturbed student, its teacher, and 16 windows of 64 tokens."""
+    teacher = build_tiny_llama(seed=0).model
+    student = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    windows = torch.randint(0, 250, (16, 64), generator=torch.Generator().manual_seed(2))
+    return student, teacher, windows
+
+
+def _train(strategy: str, devices: int, workdir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    student, teacher, windows = _problem()
+    spec = TrainerSpec(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=devices,
+        max_steps=STEPS,
+        batch_size=4,
+        gradient_clip_val=None,  # FSDP2 under Lightning clips nothing; compare like with like
+    )
+    job = TrainJob(spec, Objectives(lr=1e-3), seed=0, block_path="model.layers")
+    outcome = fit(student, teacher, windows, job, workdir)
+    return outcome, {k: v.clone() for k, v in student.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory: pytest.TempPathFactory):
+    return _train("single", 1, tmp_path_factory.mktemp("single"))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero3"])
+def test_two_ranks_match_one_process_and_hold_half_each(
+    strategy: str, single_process, tmp_path: Path
+) -> None:
+    (ref_log, ref_weights) = single_process
+    log, weights = _train(strategy, 2, tmp_path)
+    assert log["world_size"] == 2 and log["strategy"] == strategy
+    assert len(log["losses"]) == len(ref_log["losses"]) == STEPS
+    # The same global batches and the same updates: the losses agree step by step.
+    torch.testing.assert_close(
+        torch.tensor(log["losses"]), torch.tensor(ref_log["losses"]), rtol=1e-4, atol=1e-6
+    )
+    assert log["losses"][-1] < log["losses"][0]  # it trained
+    # Sharded, not replicated: each rank holds about half of the parameters.
+    assert len(log["parameter_fractions"]) == 2
+    for share in log["parameter_fractions"]:
+        assert 0.45 <= share <= 0.55, log["parameter_fractions"]
+    # The gathered result is the one-process result.
+    assert weights.keys() == ref_weights.keys()
+    for name in ref_weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "zero3"])
+def test_compressor_edits_sharded_weights_like_unsharded(kind: str, tmp_path: Path) -> None:
+    from framework.plugins import Context
+    from plugins.compressors.rtn import RTN
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(REPO / "tests" / "distributed" / "sharded_edit_worker.py"),
+            kind,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    for before, after in result["shares"]:
+        assert 0.45 <= before <= 0.55 and 0.45 <= after <= 0.55  # sharded before and after
+    edited = load_file(tmp_path / "edited.safetensors")
+
+    loaded = build_tiny_llama(seed=0)
+    ctx = Context(tokenizer=loaded.tokenizer, arch=loaded.arch, output_dir=tmp_path / "single")
+    metrics = RTN(bits=3, group_size=32).compress(loaded.model, ctx).metrics
+    expected = loaded.model.state_dict()
+    assert result["metrics"]["weight_relative_mse"] == pytest.approx(
+        metrics["weight_relative_mse"], rel=1e-9
+    )
+    changed = 0
+    for name, tensor in expected.items():
+        assert torch.equal(edited[name], tensor), name
+        changed += int(not torch.equal(tensor, build_tiny_llama(seed=0).model.state_dict()[name]))
+    assert changed >= 14  # the 7 linears of each of the 2 blocks were quantized
