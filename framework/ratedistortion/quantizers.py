@@ -5,7 +5,7 @@ reconstruction, the rate actually spent and where that rate was counted from:
 
 * "bytes": a bitstream was written and the reconstruction decoded from it (uniform and
   Lloyd-Max codes packed at R bits, ECSQ's ANS stream with its model, the trellis bits
-  with each sequence's start state, RTN's container entry with its scales);
+  (k per sample, no side information), RTN's container entry with its scales);
 * "codebook": a fixed-rate index, log2(codebook size) bits per block (the E8 ball).
 
 gap_bits(mse, rate) = 0.5 * log2(MSE / D(R)) with D(R) = sigma^2 2^(-2R) (Cover & Thomas,
@@ -198,15 +198,15 @@ def e8_quantize(x: np.ndarray, rate: float) -> Quantized:
 
 
 def trellis_quantize(
-    x: np.ndarray, rate: float, state_bits: int = 16, sequence_length: int = 4096
+    x: np.ndarray, rate: float, state_bits: int = 16, sequence_length: int = 1024
 ) -> Quantized:
     bits = _integer_rate(rate)
     code = trellis.BitshiftTrellis(state_bits, bits, sequence_length)
-    starts, stream = trellis.encode(x, code)
-    x_hat = trellis.decode(starts, stream, code, x.size)
+    stream = trellis.encode(x, code)
+    x_hat = trellis.decode(stream, code, x.size)
     return Quantized(
         x_hat.astype(np.float64),
-        8.0 * (len(starts) + len(stream)) / x.size,
+        8.0 * len(stream) / x.size,
         "bytes",
         f"L={state_bits}, T={sequence_length}",
     )

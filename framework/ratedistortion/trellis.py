@@ -16,9 +16,15 @@ the output variance of the Gaussian test channel, 1 - 2^(-2k) (Cover & Thomas, T
 10.3.2): a stand-in for a random Gaussian codebook whose entries look i.i.d. along any
 path. Everything here is this module's own code.
 
-Rate, counted from the bytes that `encode` returns: each sequence stores its first state
-(L bits, stored as a uint8/16/32) and then k bits per further sample, so a sequence of
-T samples costs 8 * init_bytes + (T-1)*k bits.
+Rate, counted from the bytes that `encode` returns: exactly k bits per sample, nothing
+else. Each sequence is tail-biting: the register holds the sequence's own final state
+before its first sample, so the decoder first reads the last ceil(L/k) symbols to fill it,
+and every sample, the first ones included, picks among 2^k successors of a full state
+(a register started at 0 instead left the first ~L/k samples with few codewords: 0.003
+bit worse at T=4096 on N(0,1), k=2). The encoder approximates the best tail-biting path
+the way QTIP does (its Algorithm 4, in spirit): a free Viterbi run over a short window
+that wraps the sequence's end onto its start picks the junction state J, and the full run
+is then constrained to start after J and end in J.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from framework.errors import ConfigError
 # Backpointer memory is T * B * 2^(L-k) bytes; a chunk of sequences is sized to stay
 # under this many bytes.
 _BACKPOINTER_BUDGET = 1 << 27
+_UNREACHABLE = 1e30
+# Samples on each side of a sequence's junction (end -> start) in the run that picks it.
+_JUNCTION_HALF_WINDOW = 128
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,8 @@ class BitshiftTrellis:
     """An L-bit-state bitshift trellis at k bits per sample, over sequences of T samples.
 
     state_bits: L (memory and Viterbi work grow as 2^L; QTIP uses L=16).
-    bits_per_sample: k, the rate before the per-sequence start state.
-    sequence_length: T; the start state costs (8 * init_bytes - k) / T extra bits per sample.
+    bits_per_sample: k, the rate.
+    sequence_length: T (>= ceil(L/k)); each sequence is tail-biting.
     scale: codebook standard deviation; None -> sqrt(1 - 2^(-2k)) for a unit-variance source.
     seed: the codebook's permutation.
     """
@@ -62,19 +71,18 @@ class BitshiftTrellis:
             raise ConfigError(
                 "state_bits", f"{self.state_bits} must exceed bits_per_sample and be <= 20"
             )
-        if self.sequence_length < 2:
-            raise ConfigError("sequence_length", f"{self.sequence_length} must be >= 2")
+        min_length = max(2, math.ceil(self.state_bits / self.bits_per_sample))
+        if self.sequence_length < min_length:
+            # Tail-biting: the last ceil(L/k) samples' bits must fill the register.
+            raise ConfigError(
+                "sequence_length", f"{self.sequence_length} must be >= {min_length} (ceil(L/k))"
+            )
         if self.scale is not None and not self.scale > 0:
             raise ConfigError("scale", f"{self.scale} must be > 0")
 
     @property
     def states(self) -> int:
         return 1 << self.state_bits
-
-    @property
-    def init_bytes(self) -> int:
-        """Bytes per stored start state (a little-endian uint8/16/32)."""
-        return 1 if self.state_bits <= 8 else 2 if self.state_bits <= 16 else 4
 
     def codebook(self) -> np.ndarray:
         """float32 [2^L]: Gaussian quantiles in a seeded random order."""
@@ -92,15 +100,20 @@ class BitshiftTrellis:
         return 8.0 * self.encoded_bytes(samples) / samples
 
     def encoded_bytes(self, samples: int) -> int:
-        seqs = samples // self.sequence_length
-        return (
-            seqs * self.init_bytes
-            + (seqs * (self.sequence_length - 1) * self.bits_per_sample + 7) // 8
-        )
+        return (samples * self.bits_per_sample + 7) // 8
 
 
-def viterbi(x: torch.Tensor, trellis: BitshiftTrellis, codebook: torch.Tensor) -> torch.Tensor:
-    """Best state path [B, T] (int64) for sequences x [B, T] under squared error."""
+def viterbi(
+    x: torch.Tensor,
+    trellis: BitshiftTrellis,
+    codebook: torch.Tensor,
+    previous: torch.Tensor | None = None,
+    final: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Best state path [B, T] (int64) for sequences x [B, T] under squared error.
+
+    previous: [B] register contents before the first sample (None: any first state).
+    final: [B] the state the path must end in (None: the best one)."""
     k, L = trellis.bits_per_sample, trellis.state_bits
     n_pred, n_groups = 1 << k, 1 << (L - k)
     batch, length = x.shape
@@ -116,19 +129,26 @@ def viterbi(x: torch.Tensor, trellis: BitshiftTrellis, codebook: torch.Tensor) -
     tag = (torch.arange(1 << L, dtype=torch.int32) & low).expand(batch, -1)
     keep = torch.tensor(~low, dtype=torch.int32)
     grouped_cb = codebook.view(n_pred, n_groups)
-    cost = (x[:, :1] - codebook[None, :]) ** 2  # any start state (it is stored)
+    cost = (x[:, :1] - codebook[None, :]) ** 2
+    if previous is not None:
+        # Only the 2^k successors of `previous` can be the first state; the others start
+        # at a cost no path can reach (finite: the integer tagging needs ordinary floats).
+        reachable = (torch.arange(1 << L) & (n_groups - 1))[None, :] == (previous >> k)[:, None]
+        cost = torch.where(reachable, cost, torch.full_like(cost, _UNREACHABLE))
     back = torch.empty(length, batch, n_groups, dtype=torch.uint8)
     new = torch.empty(batch, n_pred, n_groups)
     for t in range(1, length):
         bits = cost.view(torch.int32)
         bits.bitwise_and_(keep).bitwise_or_(tag)
-        best = bits.view(batch, n_groups, n_pred).amin(dim=2)
+        pred = bits.view(batch, n_groups, n_pred)
+        # Two predecessors: an elementwise minimum is ~2x faster than amin over a size-2 axis.
+        best = torch.minimum(pred[..., 0], pred[..., 1]) if n_pred == 2 else pred.amin(dim=2)
         back[t] = (best & low).to(torch.uint8)
         torch.sub(x[:, t, None, None], grouped_cb[None], out=new)
         new.square_().add_(best.view(torch.float32)[:, None, :])
         cost, new = new.view(batch, -1), cost.view(batch, n_pred, n_groups)
     path = torch.empty(batch, length, dtype=torch.int64)
-    state = cost.argmin(dim=1)
+    state = cost.argmin(dim=1) if final is None else final.clone()
     path[:, -1] = state
     rows = torch.arange(batch)
     for t in range(length - 1, 0, -1):
@@ -138,8 +158,8 @@ def viterbi(x: torch.Tensor, trellis: BitshiftTrellis, codebook: torch.Tensor) -
     return path
 
 
-def encode(x: np.ndarray, trellis: BitshiftTrellis) -> tuple[bytes, bytes]:
-    """x (length a multiple of T) -> (start states, packed k-bit stream)."""
+def encode(x: np.ndarray, trellis: BitshiftTrellis) -> bytes:
+    """x (length a multiple of T) -> the packed k-bit stream."""
     x = np.asarray(x, dtype=np.float32).reshape(-1)
     T = trellis.sequence_length
     if x.size % T:
@@ -154,29 +174,39 @@ def encode(x: np.ndarray, trellis: BitshiftTrellis) -> tuple[bytes, bytes]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        paths = torch.cat([viterbi(part, trellis, codebook) for part in seqs.split(chunk)])
+        paths = torch.cat([_tail_biting(part, trellis, codebook) for part in seqs.split(chunk)])
     finally:
         torch.set_num_threads(threads)
-    starts = paths[:, 0].numpy().astype(f"<u{trellis.init_bytes}")
-    new_bits = (paths[:, 1:] >> (trellis.state_bits - trellis.bits_per_sample)).numpy()
-    return starts.tobytes(), pack_bits(
-        new_bits.astype(np.uint8).reshape(-1), trellis.bits_per_sample
-    )
+    new_bits = (paths >> (trellis.state_bits - trellis.bits_per_sample)).numpy()
+    return pack_bits(new_bits.astype(np.uint8).reshape(-1), trellis.bits_per_sample)
 
 
-def decode(starts: bytes, stream: bytes, trellis: BitshiftTrellis, samples: int) -> np.ndarray:
-    """Exact inverse of the decoder side: replay the bit window, look up the codebook."""
+def _tail_biting(x: torch.Tensor, trellis: BitshiftTrellis, codebook: torch.Tensor) -> torch.Tensor:
+    """A path whose final state is also the register before the first sample."""
+    length = x.shape[1]
+    half = min(length // 2, _JUNCTION_HALF_WINDOW)
+    # Free run over [end of the sequence | its start]: the state after the last sample, J,
+    # is chosen with both of its neighbourhoods in view.
+    wrapped = torch.cat([x[:, length - half :], x[:, :half]], dim=1)
+    junction = viterbi(wrapped, trellis, codebook)[:, half - 1]
+    return viterbi(x, trellis, codebook, previous=junction, final=junction)
+
+
+def decode(stream: bytes, trellis: BitshiftTrellis, samples: int) -> np.ndarray:
+    """The decoder: fill the register from each sequence's last symbols (tail-biting),
+    replay the bits, look up the codebook. Raises ValueError when the stream does not hold
+    `samples` samples."""
     T, k = trellis.sequence_length, trellis.bits_per_sample
+    if samples % T:
+        raise ValueError(f"{samples} samples is not a multiple of sequence_length {T}")
     n_seq = samples // T
-    state = np.frombuffer(starts, dtype=f"<u{trellis.init_bytes}").astype(np.int64)
-    if state.size != n_seq:
-        raise ValueError(f"{state.size} start states for {n_seq} sequences")
-    bits = unpack_bits(stream, k, n_seq * (T - 1)).astype(np.int64).reshape(n_seq, T - 1)
-    codebook = trellis.codebook()
+    bits = unpack_bits(stream, k, samples).astype(np.int64).reshape(n_seq, T)
     shift = trellis.state_bits - k
     states = np.empty((n_seq, T), dtype=np.int64)
-    states[:, 0] = state
-    for t in range(1, T):
-        state = (state >> k) | (bits[:, t - 1] << shift)
+    state = np.zeros(n_seq, dtype=np.int64)
+    for t in range(T - math.ceil(trellis.state_bits / k), T):
+        state = (state >> k) | (bits[:, t] << shift)
+    for t in range(T):
+        state = (state >> k) | (bits[:, t] << shift)
         states[:, t] = state
-    return codebook[states].reshape(-1)
+    return trellis.codebook()[states].reshape(-1)

@@ -47,7 +47,7 @@ class GaussianRD(Analyzer):
         trellis_samples: samples for the trellis (its Viterbi search dominates the time);
             a prefix of the same draw, a multiple of `trellis_sequence_length`.
         trellis_state_bits: L, the trellis memory (work grows as 2^L).
-        trellis_sequence_length: T, samples per trellis sequence (each stores its start).
+        trellis_sequence_length: T, samples per (tail-biting) trellis sequence.
         ecsq_deadzone: rounding offset of the `ecsq_dz` row, in [0, 0.5).
         quantizers: which rows to run (default: all of QUANTIZERS).
     """
@@ -56,9 +56,9 @@ class GaussianRD(Analyzer):
         self,
         rates: list[int] | None = None,
         samples: int = 65536,
-        trellis_samples: int = 16384,
+        trellis_samples: int = 32768,
         trellis_state_bits: int = 16,
-        trellis_sequence_length: int = 4096,
+        trellis_sequence_length: int = 1024,
         ecsq_deadzone: float = 0.2,
         quantizers: list[str] | None = None,
     ):
