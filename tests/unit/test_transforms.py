@@ -407,6 +407,8 @@ def test_slice_config_errors() -> None:
         Slice(sparsity=1.0)
     with pytest.raises(ConfigError, match="round_to"):
         Slice(round_to=0)
+    with pytest.raises(ConfigError, match="weighting"):
+        Slice(weighting="channel")  # type: ignore[arg-type]
     assert Slice(sparsity=0.25).kept_width(576) == 432
 
 
