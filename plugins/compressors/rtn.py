@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from framework.codecs import EncodedTensor, write_container
+from framework.codecs.entropy import entropy_code_uniform
 from framework.codecs.uniform import UniformGrid, encode
 from framework.errors import ConfigError
 from framework.models import block_linears
@@ -68,11 +69,20 @@ class RTN(Compressor):
         group_size: input columns sharing one scale; null = one group per output row
             (per-channel). A size that does not divide the row leaves a shorter last group.
         symmetric: zero point fixed at the grid's middle (no zero points stored).
+        entropy_code: store the codes as an ANS bitstream (codec `uniform_ans`) instead of
+            packed at `bits` each: same weights, fewer bytes when the codes are uneven.
     """
 
-    def __init__(self, bits: int = 4, group_size: int | None = 128, symmetric: bool = False):
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int | None = 128,
+        symmetric: bool = False,
+        entropy_code: bool = False,
+    ):
         check_grid_args(bits, group_size)
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
+        self.entropy_code = entropy_code
 
     def compress(self, model: nn.Module, ctx: Context) -> StageResult:
         return self.quantize(model, ctx).result(ctx)
@@ -86,6 +96,8 @@ class RTN(Compressor):
         for name, layer in ctx.track(list(linears.items()), description="rtn"):
             w = layer.weight.data
             enc, w_hat = encode(w.float(), self.grid)
+            if self.entropy_code:
+                enc = entropy_code_uniform(enc)
             sq_err += float((w_hat - w.float()).pow(2).sum())
             sq_norm += float(w.float().pow(2).sum())
             bounds.append(
@@ -101,7 +113,7 @@ class RTN(Compressor):
         )
         return Quantized(
             encoded=encoded,
-            meta={"method": "rtn", **self.grid.__dict__},
+            meta={"method": "rtn", **self.grid.__dict__, "entropy_code": self.entropy_code},
             metrics={
                 "layers": len(linears),
                 "weight_relative_mse": sq_err / max(sq_norm, 1e-30),
