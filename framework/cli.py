@@ -113,8 +113,12 @@ def _in_multirun() -> bool:
 
 
 def main() -> None:
-    _quiet_libraries()
     argv = sys.argv[1:]
+    if argv[:1] == ["compare"]:  # a subcommand, not a Hydra override
+        from framework.compare import main as compare
+
+        sys.exit(compare(argv[1:]))
+    _quiet_libraries()
     if not _INFO_FLAGS.intersection(argv):
         try:
             preflight(argv)

@@ -4,6 +4,7 @@ by default), NullLogger another (`logger=none`). Plugins never see either."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ class WandbLogger(RunLogger):
         os.environ.setdefault("WANDB_SILENT", "true")
         # One W&B run per run folder: a resumed or requeued job continues the same run.
         id_file = output_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         atomic_write_text(id_file, run_id + "\n")
         self._run = wandb.init(
             project=self.project,

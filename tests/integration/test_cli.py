@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import TINY, assert_complete_run_folder, run_many, run_sculpt
-from wandb_reader import find_run_files, read_run
+from framework.wandb_offline import find_run_files, read_run
 
 from framework.config import CONF_DIR
 
@@ -192,7 +192,9 @@ def test_help_lists_the_config_groups(tmp_path: Path) -> None:
     text = result.stdout
     assert "Configuration groups" in text
     listed: dict[str, set[str]] = {}
-    for line in text.splitlines():
+    # Only the group listing, not the composed config printed after it.
+    groups_part = text.split("Configuration groups", 1)[1].split("== Config ==", 1)[0]
+    for line in groups_part.splitlines():
         m = re.fullmatch(r"([\w/]+): (.+)", line.strip())
         if m:
             listed[m.group(1)] = {o.strip() for o in m.group(2).split(",")}
@@ -213,3 +215,45 @@ def test_help_lists_the_config_groups(tmp_path: Path) -> None:
             f"{group}: help lists {listed.get(group)}, conf has {options}"
         )
     assert not any(tmp_path.iterdir()), "--help created files"
+
+
+def test_wandb_runs_carry_group_job_type_and_tags(runs: dict[str, Path]) -> None:
+    jobs = [read_run(f) for f in find_run_files(runs["sweep"])]
+    assert len(jobs) == 2
+    assert len({j.group for j in jobs}) == 1 and jobs[0].group.startswith("debug-")
+    for job in jobs:
+        assert job.job_type == "analyzer+compressor"  # the stages this run executed
+        assert "compressor:rtn" in job.tags and "model:tiny_llama" in job.tags
+
+
+def test_compare_tabulates_a_sweep_from_its_offline_runs(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "cmp"
+    result = run_sculpt(["compare", str(runs["sweep"]), "--out", str(out)], tmp_path)
+    assert result.returncode == 0, result.explain()
+    header, *rows = [
+        line.strip("| ").split(" | ") for line in (out / "compare.md").read_text().splitlines()
+    ]
+    rows = rows[1:]  # the |---| separator
+    assert header[:2] == ["run", "compressor.bits"]  # the one config key that varies
+    assert "final/perplexity" in header and "compressor/bits_per_weight" in header
+    assert len(rows) == 2
+    by_bits = {row[1]: dict(zip(header, row)) for row in rows}
+    for job in sorted(runs["sweep"].glob("[0-9]")):
+        flat = _metrics(job)["flat"]
+        bits = json.loads(json.dumps(flat["compressor/nominal_bits"]))
+        row = by_bits[str(int(bits))]
+        assert float(row["final/perplexity"]) == pytest.approx(flat["final/perplexity"], rel=1e-3)
+    assert (out / "compare.png").stat().st_size > 1000
+    assert (out / "compare.csv").read_text().count("\n") == 3
+    # the rich table went to the terminal too
+    assert "final/perplexity" in result.stdout
+
+
+def test_compare_without_runs_is_a_one_line_error(tmp_path: Path) -> None:
+    result = run_sculpt(["compare", str(tmp_path)], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr_lines() == [
+        "sculpt: error: compare: no W&B runs found (was the run made with logger=none?)"
+    ]

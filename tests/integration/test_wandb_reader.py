@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from wandb_reader import WandbLogError, leet_records, raw_records, read_run
+from framework.wandb_offline import WandbLogError, leet_records, raw_records, read_run
 
 WRITER = textwrap.dedent(
     """

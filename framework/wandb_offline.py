@@ -1,5 +1,6 @@
 """Read a W&B offline run (`<dir>/wandb/offline-run-*/run-<id>.wandb`) back, without a
-server and without the network.
+server and without the network: what `sculpt compare` reads offline, and what the tests
+check logged metrics against.
 
 wandb 0.31 ships no Python reader for its transaction log (the old
 `wandb.sdk.internal.datastore` is gone; `wandb-core`, a Go binary, writes it), so this
@@ -109,6 +110,9 @@ class WandbRun:
     run_id: str = ""
     project: str = ""
     display_name: str = ""
+    group: str = ""
+    job_type: str = ""
+    tags: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per logged step
     summary: dict[str, Any] = field(default_factory=dict)  # the final state of each key
@@ -149,6 +153,9 @@ def read_run(path: str | Path) -> WandbRun:
             run.run_id = record.run.run_id
             run.project = record.run.project
             run.display_name = record.run.display_name
+            run.group = record.run.run_group
+            run.job_type = record.run.job_type
+            run.tags = list(record.run.tags)
             for item in record.run.config.update:
                 run.config[_item_key(item)] = _item_value(item)
         elif kind == "config":
