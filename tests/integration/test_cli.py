@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import TINY, assert_complete_run_folder, run_many, run_sculpt
-from framework.wandb_offline import find_run_files, read_run
 
 from framework.config import CONF_DIR
+from framework.wandb_offline import find_run_files, read_run
 
 BLOCK_WEIGHT = re.compile(
     r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight"

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from framework.wandb_offline import WandbLogError, leet_records, raw_records, read_run
 
 WRITER = textwrap.dedent(

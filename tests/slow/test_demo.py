@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from cli_runner import assert_complete_run_folder, run_sculpt
+
 from framework.wandb_offline import find_run_files, read_run
 
 pytestmark = pytest.mark.slow
