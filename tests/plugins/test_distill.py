@@ -1,0 +1,51 @@
+"""The distillation stage in one process: it pulls the student towards the teacher, and on
+quantized weights (auto) it trains only norm scales and biases, so the grid is kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from framework.lightning.spec import TrainerSpec
+from framework.models import build_tiny_llama
+from plugins.editors.distill import Distill
+
+
+def _kl_to(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        p = teacher(input_ids=windows).logits.log_softmax(-1)
+        q = student(input_ids=windows).logits.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("on_grid", [False, True])
+def test_distill_moves_towards_the_teacher(on_grid: bool, tiny, make_ctx, tmp_path) -> None:
+    ctx = make_ctx(tiny, tmp_path, stage_name="distill")
+    ctx.reference = build_tiny_llama(seed=1).model.eval()
+    ctx.trainer = TrainerSpec(max_steps=15, batch_size=2)
+    ctx.weights_on_grid = on_grid
+    windows = ctx.calibration()
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    kl_before = _kl_to(tiny.model, ctx.reference, windows)
+
+    result = Distill(lr=3e-3).edit(tiny.model, ctx)
+
+    kl_after = _kl_to(tiny.model, ctx.reference, windows)
+    assert kl_after < kl_before
+    assert result.metrics["loss_last"] < result.metrics["loss_first"]
+    changed = {k for k, v in tiny.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed
+    if on_grid:  # norms only: every linear weight is untouched
+        assert all("norm" in k for k in changed), changed
+    else:
+        assert any("proj" in k for k in changed)
+    assert (tmp_path / "distill" / "loss.png").exists()
+
+
+def test_bad_values_are_refused() -> None:
+    from framework.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lr"):
+        Distill(lr=0)
+    with pytest.raises(ConfigError, match="windows"):
+        Distill(windows=0)
