@@ -57,5 +57,5 @@ def test_a_different_config_is_refused(compose_cfg, tiny, tmp_path: Path) -> Non
 def test_a_corrupt_state_is_a_clear_error(compose_cfg, tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "state.json").write_text("{not json")
-    with pytest.raises(SculptError, match="state.json"):
+    with pytest.raises(SculptError, match=r"state\.json"):
         StageCheckpoints(tmp_path, compose_cfg(["model=tiny_llama"])).load()

@@ -50,5 +50,5 @@ def test_a_typo_in_the_trainer_config_is_a_config_error(compose_cfg) -> None:
     from framework.config import check_config
 
     cfg = compose_cfg(["trainer=fsdp2", "+trainer.devcies=4"])
-    with pytest.raises(Exception, match="trainer.devcies"):
+    with pytest.raises(Exception, match=r"trainer\.devcies"):
         check_config(cfg)
