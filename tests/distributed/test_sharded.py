@@ -58,8 +58,12 @@ def single_process(tmp_path_factory: pytest.TempPathFactory):
     return _train("single", 1, tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero3"])
-def test_two_ranks_match_one_process_and_hold_half_each(
+# ZeRO-2 partitions optimizer state and gradients but keeps full parameters on each rank.
+PARAMETER_SHARE = {"fsdp2": 0.5, "deepspeed_zero3": 0.5, "deepspeed_zero2": 1.0}
+
+
+@pytest.mark.parametrize("strategy", list(PARAMETER_SHARE))
+def test_two_ranks_match_one_process_and_hold_their_share(
     strategy: str, single_process, tmp_path: Path
 ) -> None:
     (ref_log, ref_weights) = single_process
@@ -71,10 +75,10 @@ def test_two_ranks_match_one_process_and_hold_half_each(
         torch.tensor(log["losses"]), torch.tensor(ref_log["losses"]), rtol=1e-4, atol=1e-6
     )
     assert log["losses"][-1] < log["losses"][0]  # it trained
-    # Sharded, not replicated: each rank holds about half of the parameters.
+    # ZeRO-3 and FSDP2 shard: each rank holds about half of the parameters.
     assert len(log["parameter_fractions"]) == 2
     for share in log["parameter_fractions"]:
-        assert 0.45 <= share <= 0.55, log["parameter_fractions"]
+        assert share == pytest.approx(PARAMETER_SHARE[strategy], abs=0.05), share
     # The gathered result is the one-process result.
     assert weights.keys() == ref_weights.keys()
     for name in ref_weights:
@@ -121,3 +125,21 @@ def test_compressor_edits_sharded_weights_like_unsharded(kind: str, tmp_path: Pa
         assert torch.equal(edited[name], tensor), name
         changed += int(not torch.equal(tensor, build_tiny_llama(seed=0).model.state_dict()[name]))
     assert changed >= 14  # the 7 linears of each of the 2 blocks were quantized
+
+
+def test_the_cli_distils_with_two_fsdp2_ranks(tmp_path: Path) -> None:
+    """The whole pipeline: compress in the run's process, distil on 2 FSDP2 workers, evaluate
+    the gathered result, as a user runs it."""
+    sys.path.insert(0, str(REPO / "tests" / "integration"))
+    from cli_runner import TINY, run_sculpt
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "~analyzer", "editor=distill", "trainer=fsdp2", "trainer.max_steps=5"]
+    result = run_sculpt([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.explain()
+    flat = json.loads((run_dir / "metrics.json").read_text())["flat"]
+    assert flat["editor/world_size"] == 2
+    assert flat["editor/rank_parameter_share_max"] == pytest.approx(0.5, abs=0.05)
+    assert flat["editor/loss_last"] < flat["editor/loss_first"]
+    assert flat["editor/kl"] < flat["compressor/kl"]  # distillation recovered some of the loss
+    assert "training on 2 processes (fsdp2, torchrun)" in result.stdout + result.stderr
