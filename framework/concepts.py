@@ -1,0 +1,196 @@
+"""Labelled text for concepts, sentence representations per layer, linear probes and the
+LEACE eraser: the shared math of plugins/analyzers/probes.py and plugins/editors/leace.py.
+
+A concept file is JSON lines, ``{"text": "...", "label": "..."}`` per line (see
+experiments/data/concept_animals_tools.jsonl). A sentence is represented at a layer by the
+mean of its residual-stream states over its tokens after the first (the first position of
+a Llama carries the attention sink's huge channels whatever the text). The mean is linear,
+so an eraser applied to every token's state is applied to the mean too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from framework.errors import SculptError
+from framework.interventions import capture
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Labelled:
+    texts: list[str]
+    labels: torch.Tensor  # [n] class indices
+    classes: list[str]
+
+
+def resolve_path(path: str | Path, key: str) -> Path:
+    """A path as given, else relative to the repository (configs name shipped files)."""
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+        p = REPO_ROOT / p
+    if not p.is_file():
+        raise SculptError(f"{key}: {path} does not exist")
+    return p
+
+
+def load_labelled(path: str | Path, key: str = "data") -> Labelled:
+    file = resolve_path(path, key)
+    texts: list[str] = []
+    names: list[str] = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text, label = str(row["text"]), str(row["label"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SculptError(
+                f'{key}: {file}:{n}: expected {{"text": ..., "label": ...}} ({exc})'
+            ) from exc
+        if not text.strip():
+            raise SculptError(f"{key}: {file}:{n}: empty text")
+        texts.append(text)
+        names.append(label)
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise SculptError(f"{key}: {file} needs at least two labels, found {classes}")
+    labels = torch.tensor([classes.index(c) for c in names])
+    if int(torch.bincount(labels).min()) < 5:
+        raise SculptError(f"{key}: {file}: every label needs at least 5 examples")
+    return Labelled(texts=texts, labels=labels, classes=classes)
+
+
+def stratified_split(
+    labels: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (first, rest): ``fraction`` of every class in ``first``, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    first, rest = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = round(fraction * len(idx))
+        first.append(idx[:k])
+        rest.append(idx[k:])
+    return torch.cat(first).sort().values, torch.cat(rest).sort().values
+
+
+@torch.no_grad()
+def sentence_states(
+    model: nn.Module,
+    arch,
+    tokenizer,
+    texts: list[str],
+    layers: list[int],
+    batch_size: int = 32,
+) -> dict[int, torch.Tensor]:
+    """layer -> [n, hidden]: each text's residual stream after that block, averaged over
+    its tokens after the first (float64)."""
+    encoded = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    if any(len(e) < 2 for e in encoded):
+        raise SculptError("data: every text needs at least two tokens")
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(e) for e in chunk)
+        # right padding: causal attention keeps real tokens blind to the pads after them
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, e in enumerate(chunk):
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+        with capture(model, arch, [("residual", i) for i in layers]) as store:
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        weights = mask.double()
+        weights[:, 0] = 0
+        weights = weights / weights.sum(1, keepdim=True)
+        for i in layers:
+            out[i].append(torch.einsum("bs,bsd->bd", weights, store[("residual", i)].double()))
+    return {i: torch.cat(v) for i, v in out.items()}
+
+
+def _logistic(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, steps: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def probe_accuracy(
+    x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e-2, seed: int = 0
+) -> tuple[float, float]:
+    """(probe accuracy, majority baseline), both held-out: k-fold cross-validation of an
+    L2-regularised multinomial logistic regression on standardised features, every example
+    scored once by a probe that never saw it; the baseline predicts each training fold's
+    majority class."""
+    n_classes = int(y.max()) + 1
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=gen)
+    correct = base = 0
+    for k in range(folds):
+        test = order[k::folds]
+        train = torch.cat([order[j::folds] for j in range(folds) if j != k])
+        mu = x[train].mean(0)
+        sd = x[train].std(0).clamp(min=1e-8)
+        xs = (x - mu) / sd
+        w, b = _logistic(xs[train], y[train], n_classes, l2)
+        correct += int(((xs[test] @ w + b).argmax(1) == y[test]).sum())
+        majority = int(torch.bincount(y[train], minlength=n_classes).argmax())
+        base += int((y[test] == majority).sum())
+    return correct / len(y), base / len(y)
+
+
+def leace(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, shrinkage: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LEACE (Belrose et al., 2023, "LEACE: Perfect linear concept erasure in closed
+    form", Theorem 4.3): r(x) = x - P (x - mu) with the oblique projection
+    P = W^+ Proj(W Sigma_xz) W, W = Sigma^{-1/2} the whitening map and Sigma_xz the
+    cross-covariance of x with the one-hot label. Returns (P, mu).
+
+    After erasure the cross-covariance with z is zero, so the class-conditional means are
+    equal and no linear classifier beats a constant one (their Theorem 3.1). Any invertible
+    W gives that guarantee; W = Sigma^{-1/2} makes the edit the least-squares one. With
+    fewer examples than dimensions Sigma is singular: ``shrinkage`` mixes in a multiple of
+    the identity, Sigma + s * tr(Sigma)/d * I, trading least-squares optimality for a
+    better conditioned eraser (s -> inf gives the orthogonal projection off the class-mean
+    differences).
+    """
+    x = x.double()
+    n, d = x.shape
+    mu = x.mean(0)
+    xc = x - mu
+    z = nn.functional.one_hot(y, n_classes).double()
+    zc = z - z.mean(0)
+    sigma = xc.T @ xc / n
+    sigma_xz = xc.T @ zc / n  # [d, k]
+    if shrinkage > 0:
+        sigma = sigma + shrinkage * sigma.trace() / d * torch.eye(d, dtype=sigma.dtype)
+    evals, evecs = torch.linalg.eigh(sigma)
+    keep = evals > evals.max() * 1e-10
+    v, e = evecs[:, keep], evals[keep]
+    w = v @ torch.diag(e.rsqrt()) @ v.T  # Sigma^{-1/2} on its range
+    w_pinv = v @ torch.diag(e.sqrt()) @ v.T
+    a = w @ sigma_xz
+    u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    u = u[:, s > s.max() * 1e-10] if float(s.max()) > 0 else u[:, :0]
+    proj = u @ u.T
+    return w_pinv @ proj @ w, mu

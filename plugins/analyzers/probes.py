@@ -1,0 +1,108 @@
+"""Linear probes (Alain & Bengio, 2016, "Understanding intermediate layers using linear
+classifier probes"): how linearly decodable a concept is from each layer's residual stream.
+
+Labelled sentences come from a JSON-lines file (framework.concepts); each sentence is its
+mean residual state after each block; a logistic-regression probe is scored by k-fold
+cross-validation, so every accuracy is held-out, next to the majority-class baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from framework.concepts import load_labelled, probe_accuracy, sentence_states, stratified_split
+from framework.errors import ConfigError
+from framework.interventions import check_supported, num_layers
+from framework.plots import pyplot, save_figure
+from framework.plugins import Analyzer, Context, StageResult
+
+
+class Probes(Analyzer):
+    """Per-layer held-out linear probe accuracy for a labelled concept.
+
+    Args:
+        data: JSON-lines file of {"text", "label"} (relative paths: to the repository too).
+        layers: block indices probed; null: all.
+        folds: cross-validation folds.
+        l2: L2 penalty of the logistic regression (standardised features).
+        skip_fraction: leave out this stratified fraction of every class (with split_seed,
+            the part an eraser such as editors/leace fitted on) and probe the rest.
+        split_seed: seed of that split.
+    """
+
+    def __init__(
+        self,
+        data: str = "experiments/data/concept_animals_tools.jsonl",
+        layers: list[int] | None = None,
+        folds: int = 5,
+        l2: float = 1e-2,
+        skip_fraction: float = 0.0,
+        split_seed: int = 0,
+    ):
+        if folds < 2:
+            raise ConfigError("folds", f"{folds} must be >= 2")
+        if l2 < 0:
+            raise ConfigError("l2", f"{l2} must be >= 0")
+        if not 0 <= skip_fraction < 1:
+            raise ConfigError("skip_fraction", f"{skip_fraction} must be in [0, 1)")
+        self.data = data
+        self.layers = layers
+        self.folds = folds
+        self.l2 = l2
+        self.skip_fraction = skip_fraction
+        self.split_seed = split_seed
+
+    @torch.no_grad()
+    def analyze(self, model: nn.Module, ctx: Context) -> StageResult:
+        check_supported(ctx.arch, "probes")
+        labelled = load_labelled(self.data, "data")
+        n_layers = num_layers(model, ctx.arch)
+        layers = list(range(n_layers)) if self.layers is None else list(self.layers)
+        bad = [i for i in layers if not -n_layers <= i < n_layers]
+        if bad:
+            raise ConfigError("layers", f"{bad} do not exist (model has {n_layers} blocks)")
+        layers = sorted({i % n_layers for i in layers})
+        idx = torch.arange(len(labelled.texts))
+        if self.skip_fraction > 0:
+            _, idx = stratified_split(labelled.labels, self.skip_fraction, self.split_seed)
+        texts = [labelled.texts[i] for i in idx.tolist()]
+        y = labelled.labels[idx]
+        states = sentence_states(model, ctx.arch, ctx.tokenizer, texts, layers)
+        rows = []
+        for layer in ctx.track(layers, "probes"):
+            acc, base = probe_accuracy(states[layer], y, self.folds, self.l2, seed=ctx.seed)
+            rows.append(
+                {
+                    "layer": layer,
+                    "probe_accuracy": round(acc, 4),
+                    "majority_baseline": round(base, 4),
+                    "over_baseline": round(acc - base, 4),
+                }
+            )
+        best = max(rows, key=lambda r: r["probe_accuracy"])
+        metrics = {
+            "examples": float(len(y)),
+            "classes": float(len(labelled.classes)),
+            "majority_baseline": float(rows[0]["majority_baseline"]),
+            "best_accuracy": float(best["probe_accuracy"]),
+            "best_layer": float(best["layer"]),
+            "max_over_baseline": max(float(r["over_baseline"]) for r in rows),
+            "mean_accuracy": sum(float(r["probe_accuracy"]) for r in rows) / len(rows),
+        }
+        return StageResult(
+            metrics=metrics, tables={"probes": rows}, plots={"probes": self._plot(ctx, rows)}
+        )
+
+    def _plot(self, ctx: Context, rows: list[dict]):
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        x = [r["layer"] for r in rows]
+        ax.plot(x, [r["probe_accuracy"] for r in rows], marker=".", label="probe (held-out)")
+        ax.plot(x, [r["majority_baseline"] for r in rows], ls="--", label="majority baseline")
+        ax.set(xlabel="layer", ylabel="accuracy", ylim=(0, 1.02))
+        ax.set_title(f"linear probes: {self.data.rsplit('/', 1)[-1]}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        name = ctx.stage_name or "probes"
+        return save_figure(fig, ctx.output_dir / "plots" / f"{name}.png")
