@@ -173,3 +173,28 @@ def lens_logits(model: nn.Module, arch: ArchMap, hidden: torch.Tensor) -> torch.
     norm = model.get_submodule(arch.final_norm)
     head = model.get_submodule(arch.head)
     return head(norm(hidden))
+
+
+def run_from(
+    model: nn.Module, arch: ArchMap, start: int, hidden: torch.Tensor, **kwargs: object
+) -> object:
+    """Run the model from block ``start`` on, given the residual stream before it
+    (``hidden``, [b, s, d]: the embeddings for start=0, else block start-1's output).
+
+    Blocks before ``start`` are not run: when an intervention only touches block ``start``
+    or later, their outputs are those of a run already captured, and skipping them halves
+    the cost of a layer sweep. Hooks registered on the blocks still fire (same modules)."""
+    check_supported(arch)
+    parent_path, _, attr = arch.blocks.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    full = getattr(parent, attr)
+    if not 0 <= start < len(full):
+        raise SculptError(f"layer: {start} does not exist (model has {len(full)} blocks)")
+    # Modules keep their identity (and their hooks); only the list the loop walks shrinks.
+    # An instance attribute shadows the registered submodule for this call without
+    # touching _modules (so state_dict and parameters never see the short list).
+    parent.__dict__[attr] = nn.ModuleList(list(full)[start:])
+    try:
+        return model(inputs_embeds=hidden, use_cache=False, **kwargs)
+    finally:
+        del parent.__dict__[attr]

@@ -14,8 +14,10 @@ consecutive layers centred on the layer (a single MLP state rarely carries a fac
 the residual stream is restored at a single layer.
 
 Cost: one batched forward pass per (site, layer), each row restoring one position (times
-``noise_samples``); positions before the first corrupted token are identical in both runs,
-so their effect is exactly zero and they are not run.
+``noise_samples``), started at the first restored block from the corrupted run's cached
+stream (the blocks before it are unchanged by the restoration); positions before the
+first corrupted token are identical in both runs, so their effect is exactly zero and
+they are not run.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from framework.interventions import (
     check_supported,
     num_layers,
     patch,
+    run_from,
     set_positions,
 )
 from framework.plots import pyplot, save_figure
@@ -47,19 +50,24 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def subject_positions(tokenizer, prompt: str, subject: str) -> list[int]:
-    """Token positions covering the first occurrence of ``subject`` in ``prompt``, found by
-    tokenizing the prefixes that end before and after it (no offset mapping needed, so slow
-    tokenizers work too)."""
+    """Token positions overlapping the first occurrence of ``subject`` in ``prompt``.
+
+    Character spans come from decoding growing prefixes of the prompt's tokens (no offset
+    mapping needed, so slow tokenizers work too); a leading space merged into the
+    subject's first token (" E" + "iffel") still counts as the subject's."""
     start = prompt.find(subject)
     if start < 0:
         raise ConfigError("subject", f"'{subject}' does not occur in the prompt '{prompt}'")
+    end = start + len(subject)
     full = _ids(tokenizer, prompt)
-    through = _ids(tokenizer, prompt[: start + len(subject)])
-    lo = len(_ids(tokenizer, prompt[:start])) if start else 0
-    hi = len(through)
-    if full[:hi] != through or hi <= lo:
-        raise SculptError(f"subject: '{subject}' does not fall on token boundaries of the prompt")
-    return list(range(lo, hi))
+    ends = [len(tokenizer.decode(full[: i + 1])) for i in range(len(full))]
+    if not ends or ends[-1] != len(prompt):
+        raise SculptError("prompt: its tokens do not decode back to it; cannot place the subject")
+    begins = [0, *ends[:-1]]
+    found = [i for i, (b, e) in enumerate(zip(begins, ends)) if b < end and e > start]
+    if not found:
+        raise SculptError(f"subject: '{subject}' covers no token of the prompt")
+    return found
 
 
 class CausalTrace(Analyzer):
@@ -67,7 +75,9 @@ class CausalTrace(Analyzer):
 
     Args:
         prompt: the clean prompt.
-        subject: the substring whose token embeddings are corrupted.
+        subject: the substring whose token embeddings are corrupted. Leave the first
+            token out of it: in a model without a BOS token the first position is the
+            attention sink, and noise there breaks every later position at once.
         target: the token whose probability is traced (e.g. " Paris"; its first token);
             null: the clean run's top-1 prediction.
         corrupted_prompt: a prompt of the same token length run as the corrupted input
@@ -82,7 +92,7 @@ class CausalTrace(Analyzer):
     def __init__(
         self,
         prompt: str = "The Eiffel Tower is located in the city of",
-        subject: str = "The Eiffel Tower",
+        subject: str = "Eiffel Tower",
         target: str | None = " Paris",
         corrupted_prompt: str | None = None,
         noise_scale: float = 3.0,
@@ -140,6 +150,7 @@ class CausalTrace(Analyzer):
         p_clean = float(logits.softmax(-1)[target_id])
 
         # The corrupted input: a batch of noise_samples rows (or the given prompt once).
+        noise = torch.zeros(0)
         if self.corrupted_prompt is not None:
             corrupted = torch.tensor([_ids(tok, self.corrupted_prompt)])
             if corrupted.shape != ids.shape:
@@ -163,23 +174,22 @@ class CausalTrace(Analyzer):
             noise = noise * (self.noise_scale * std)
         positions = list(range(first, n_pos))
 
-        def run(extra: dict, rows: int, noise_rows: torch.Tensor | None = None) -> torch.Tensor:
-            patches = dict(extra)
-            if self.corrupted_prompt is None:
-                assert noise_rows is not None
-                patches[("embed", 0)] = add_at_positions(noise_rows, torch.tensor(subj))
-            with patch(model, ctx.arch, patches):
-                out = model(input_ids=corrupted.expand(rows, -1), use_cache=False, logits_to_keep=1)
-            probs = out.logits[:, -1].float().softmax(-1)[:, target_id]
-            return probs
+        # The corrupted run, once: its residual stream before every block (the embeddings,
+        # noised, for block 0), so a restoration from block lo on starts there.
+        stream_keys = [("embed", 0)] + [("residual", i) for i in range(n_layers - 1)]
+        noise_patch = (
+            {}
+            if self.corrupted_prompt is not None
+            else {("embed", 0): add_at_positions(noise, torch.tensor(subj))}
+        )
+        with patch(model, ctx.arch, noise_patch), capture(model, ctx.arch, stream_keys) as st:
+            out = model(input_ids=corrupted.expand(samples, -1), use_cache=False, logits_to_keep=1)
+        before_block = [st[k] for k in stream_keys]  # index b: the stream entering block b
+        p_corrupt = float(out.logits[:, -1].float().softmax(-1)[:, target_id].mean())
 
-        noise_all = None if self.corrupted_prompt is not None else noise
-        p_corrupt = float(run({}, samples, noise_all).mean())
-
-        # One batch per (site, layer): rows are (position, sample) pairs.
+        # One batch per (site, layer): rows are (position, sample) pairs, sample fastest.
         pos_rows = torch.tensor(positions).repeat_interleave(samples)
         row_idx = torch.arange(len(pos_rows))
-        noise_rows = None if noise_all is None else noise_all.repeat(len(positions), 1, 1)
         grids: dict[str, torch.Tensor] = {}
         for site in self.sites:
             grid = torch.full((n_layers, n_pos), p_corrupt, dtype=torch.float64)
@@ -192,7 +202,10 @@ class CausalTrace(Analyzer):
                     (site, j): set_positions(clean[(site, j)][0, pos_rows], pos_rows, row_idx)
                     for j in restored
                 }
-                probs = run(patches, len(pos_rows), noise_rows)
+                hidden = before_block[lo].repeat(len(positions), 1, 1)
+                with patch(model, ctx.arch, patches):
+                    out = run_from(model, ctx.arch, lo, hidden, logits_to_keep=1)
+                probs = out.logits[:, -1].float().softmax(-1)[:, target_id]
                 grid[layer, first:] = probs.double().view(len(positions), samples).mean(1)
             grids[site] = grid
         seconds = time.perf_counter() - started

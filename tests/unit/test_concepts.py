@@ -1,0 +1,101 @@
+"""Linear probes, linear CKA and LEACE: the properties they promise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from framework.concepts import leace, load_labelled, probe_accuracy, stratified_split
+from framework.errors import SculptError
+from plugins.analyzers.cka import linear_cka
+
+
+def _blobs(n: int = 300, d: int = 12, shift: float = 4.0, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    mix = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) @ mix
+    x[:, 3] += shift * y  # the concept along a direction the mixing correlates with others
+    return x, y
+
+
+def test_cka_self_is_one_and_invariant_to_orthogonal_maps_and_scale() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, 3.0 * x @ q + 5.0) == pytest.approx(1.0, abs=1e-12)
+    y = torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    assert linear_cka(x, y) < 0.2  # independent noise is far from 1
+    # not invariant to an arbitrary invertible map (what separates CKA from CCA)
+    skew = torch.diag(torch.logspace(0, 3, 16, dtype=torch.float64))
+    assert linear_cka(x, x @ skew) < 0.9
+
+
+def test_probe_finds_a_concept_and_not_noise() -> None:
+    x, y = _blobs()
+    acc, base = probe_accuracy(x, y)
+    assert base == pytest.approx(0.5, abs=0.02)
+    assert acc > 0.75
+    gen = torch.Generator().manual_seed(1)
+    acc_noise, _ = probe_accuracy(torch.randn(300, 12, generator=gen, dtype=torch.float64), y)
+    assert abs(acc_noise - 0.5) < 0.1
+
+
+def test_leace_equalises_class_means_and_kills_the_probe() -> None:
+    x, y = _blobs()
+    proj, mu = leace(x, y, 2)
+    erased = x - (x - mu) @ proj.T
+    m0, m1 = erased[y == 0].mean(0), erased[y == 1].mean(0)
+    assert float((m0 - m1).norm()) < 1e-9 * float(x.norm())
+    acc, base = probe_accuracy(erased, y)
+    assert acc - base <= 0.05
+    # rank-one for a binary concept, and a projection: P @ P == P
+    assert int(torch.linalg.matrix_rank(proj)) == 1
+    torch.testing.assert_close(proj @ proj, proj)
+    # the bias-free linear part alone keeps the means equal too (what the editor folds)
+    lin = x @ (torch.eye(12, dtype=torch.float64) - proj).T
+    assert float((lin[y == 0].mean(0) - lin[y == 1].mean(0)).norm()) < 1e-9 * float(x.norm())
+
+
+def test_leace_is_the_least_change_among_erasers() -> None:
+    # LEACE minimises E||r(x) - x||^2 among erasers; the orthogonal projection off the
+    # mean difference (the shrinkage -> inf limit) also erases but moves x more.
+    x, y = _blobs()
+    proj, mu = leace(x, y, 2)
+    ortho, _ = leace(x, y, 2, shrinkage=1e9)
+    cost = float(((x - mu) @ proj.T).pow(2).sum())
+    cost_ortho = float(((x - mu) @ ortho.T).pow(2).sum())
+    assert cost < cost_ortho
+    e2 = x - (x - mu) @ ortho.T
+    assert float((e2[y == 0].mean(0) - e2[y == 1].mean(0)).norm()) < 1e-6 * float(x.norm())
+
+
+def test_stratified_split_is_disjoint_and_balanced() -> None:
+    y = torch.tensor([0] * 50 + [1] * 30)
+    a, b = stratified_split(y, 0.5, seed=0)
+    assert set(a.tolist()).isdisjoint(b.tolist()) and len(a) + len(b) == 80
+    assert int((y[a] == 0).sum()) == 25 and int((y[a] == 1).sum()) == 15
+    assert torch.equal(a, stratified_split(y, 0.5, seed=0)[0])
+
+
+def test_labelled_file_errors_name_the_file(tmp_path) -> None:
+    with pytest.raises(SculptError, match=r"data: nope\.jsonl does not exist"):
+        load_labelled("nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a b", "label": "x"}\n{"txt": "oops"}\n')
+    with pytest.raises(SculptError, match=r"bad\.jsonl:2"):
+        load_labelled(bad)
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": f"t {i}", "label": "x"}) + "\n" for i in range(9)))
+    with pytest.raises(SculptError, match="two labels"):
+        load_labelled(one)
+
+
+def test_shipped_concept_file() -> None:
+    data = load_labelled("experiments/data/concept_animals_tools.jsonl")
+    assert data.classes == ["animal", "tool"]
+    assert torch.bincount(data.labels).tolist() == [400, 400]
+    assert len(set(data.texts)) == 800
