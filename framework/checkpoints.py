@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from framework.errors import SculptError
-from framework.io import atomic_dir, atomic_write_json
+from framework.io import atomic_dir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sculpt")
 
@@ -61,6 +61,28 @@ class StageCheckpoints:
     def __init__(self, run_dir: Path, cfg: DictConfig):
         self.root = run_dir / "checkpoints"
         self.fingerprint = config_fingerprint(cfg)
+
+    def begin(self, resume: bool) -> ResumeState | None:
+        """At the start of a run: forget everything (resume=False), or check that what is
+        here belongs to this config and return the state to resume from. The fingerprint
+        file guards what state.json does not cover yet (a first stage's training
+        checkpoints)."""
+        marker = self.root / "fingerprint"
+        if not resume:
+            self.clear()
+        elif marker.exists() and marker.read_text().strip() != self.fingerprint:
+            raise SculptError(
+                f"{marker}: these checkpoints come from a different config (fingerprint "
+                f"{marker.read_text().strip()}, this run {self.fingerprint}); use another run "
+                "folder, delete checkpoints/, or set resume=false"
+            )
+        state = self.load() if resume else None
+        atomic_write_text(marker, self.fingerprint + "\n")
+        return state
+
+    def stage_dir(self, index: int) -> Path:
+        """Resumable state of stage `index` while it runs (training checkpoints)."""
+        return self.root / f"stage-{index}"
 
     def load(self) -> ResumeState | None:
         """The saved state, or None when there is nothing to resume. A state made by a

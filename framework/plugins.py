@@ -65,6 +65,9 @@ class Context:
     # Set once a stage has written a quantized container: the weights lie on a grid that
     # training them freely would leave.
     weights_on_grid: bool = False
+    # A folder for the running stage's resumable state (e.g. training checkpoints) that
+    # survives a kill and is removed when the run completes; None when checkpointing is off.
+    resume_dir: Path | None = None
     _calibration: torch.Tensor | None = None
 
     def calibration(self, max_windows: int | None = None) -> torch.Tensor:

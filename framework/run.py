@@ -248,12 +248,7 @@ def _run(
     if any(plugin.needs_gradients for plugin in stages):
         ctx.trainer = build(cfg.trainer, "trainer")
     checkpoints = StageCheckpoints(out, cfg) if cfg.get("checkpoint_stages", True) else None
-    resume = None
-    if checkpoints is not None:
-        if cfg.get("resume", True):
-            resume = checkpoints.load()
-        else:
-            checkpoints.clear()
+    resume = checkpoints.begin(bool(cfg.get("resume", True))) if checkpoints else None
 
     ref_metrics = _evaluate(model, ctx, cfg.eval, "reference")
     n_weights = sum(w.numel() for w in _block_weights(model, loaded))
@@ -299,6 +294,7 @@ def _run(
         if index < first:
             continue
         ctx.stage_name = spec.name
+        ctx.resume_dir = checkpoints.stage_dir(index) if checkpoints is not None else None
         log.info("stage %s: %s", spec.name, spec.node._target_)
         if plugin.needs_calibration:
             ctx.calibration()  # built once, outside the stage's own timing

@@ -89,6 +89,10 @@ class CausalLMModule(pl.LightningModule):
         self.objectives = objectives
         self.block_path = block_path  # e.g. "model.layers": the units FSDP2 shards
         self.losses: list[float] = []
+        # Set by the worker: the batch of each micro-step (see training_step).
+        self.step_batches: StepBatches | None = None
+        self.accumulate = 1
+        self._within = 0
         self.parameter_fraction: float | None = None
         self.trainable_parameters = select_trainable(student, objectives.trainable)
 
@@ -142,10 +146,24 @@ class CausalLMModule(pl.LightningModule):
         self.parameter_fraction = local_parameter_fraction(self.student)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.step_batches is not None:
+            # The data of a step follows from the step itself, not from where the loader
+            # happens to be: after a resume Lightning restarts a map-style loader's epoch,
+            # but global_step is restored exactly.
+            micro = self.global_step * self.accumulate + self._within
+            self._within = (self._within + 1) % self.accumulate
+            batch = self.step_batches[micro].to(self.device)
         loss = self(batch)
         self.losses.append(global_mean(loss))
         self.log("train/loss", loss.detach(), prog_bar=True)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The loss curve so far, so a resumed stage reports the whole run's curve.
+        checkpoint["sculpt_losses"] = list(self.losses)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.losses = [float(v) for v in checkpoint.get("sculpt_losses", [])]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.student.parameters() if p.requires_grad]

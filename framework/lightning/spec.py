@@ -28,6 +28,9 @@ class TrainerSpec:
     launcher: how the worker processes start. `auto`: in this process when there is one
     device, torchrun on one node, srun across nodes. The run's pipeline itself stays in one
     process; only the training stage fans out.
+    checkpoint_every_n_steps: save a resumable training checkpoint (weights, optimizer,
+    step) every n optimizer steps (0: never); a restarted stage continues from the last one
+    (Lightning strategies; the CPU DeepSpeed engine restarts the stage).
     max_steps: optimizer steps. batch_size: global batch (windows per step, split across
     data-parallel ranks, so one and two processes see the same batches).
     """
@@ -43,6 +46,7 @@ class TrainerSpec:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 0
     offload_optimizer: bool = False
     offload_parameters: bool = False
     deterministic: bool = True
@@ -52,6 +56,8 @@ class TrainerSpec:
         for key in ("devices", "num_nodes", "max_steps", "batch_size", "accumulate_grad_batches"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.checkpoint_every_n_steps < 0:
+            raise ConfigError("checkpoint_every_n_steps", "must be >= 0 (0: no checkpoints)")
         world = self.devices * self.num_nodes
         if self.strategy == "single" and world > 1:
             raise ConfigError(

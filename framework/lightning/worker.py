@@ -37,6 +37,9 @@ class TrainJob:
     objectives: Objectives
     seed: int = 0
     block_path: str | None = None
+    # Where resumable checkpoints go (spec.checkpoint_every_n_steps); it must outlive the
+    # worker processes, so it is the stage's folder, not the job's scratch folder.
+    checkpoint_dir: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,6 +47,7 @@ class TrainJob:
             "objectives": asdict(self.objectives),
             "seed": self.seed,
             "block_path": self.block_path,
+            "checkpoint_dir": self.checkpoint_dir,
         }
 
     @classmethod
@@ -53,6 +57,7 @@ class TrainJob:
             objectives=Objectives(**data["objectives"]),
             seed=int(data["seed"]),
             block_path=data.get("block_path"),
+            checkpoint_dir=data.get("checkpoint_dir"),
         )
 
 
@@ -128,7 +133,7 @@ def train(
     if spec.strategy.startswith("deepspeed") and spec.resolved_accelerator() == "cpu":
         state, fraction = _deepspeed_cpu(module, batches, spec)
     else:
-        state, fraction = _lightning(module, batches, spec)
+        state, fraction = _lightning(module, batches, spec, job.checkpoint_dir)
     return TrainOutcome(
         state_dict=state,
         losses=module.losses,
@@ -140,8 +145,31 @@ def train(
     )
 
 
+def _resume_point(checkpoint_dir: str | None) -> tuple[Path | None, int]:
+    """The last checkpoint and its optimizer step (0 when there is none). Lightning writes
+    a file for one process and a folder (torch distributed checkpoint, its loop state in
+    meta.pt) under FSDP2; both are read with weights_only=True."""
+    if not checkpoint_dir:
+        return None, 0
+    last = Path(checkpoint_dir) / "last.ckpt"
+    meta = last / "meta.pt" if last.is_dir() else last
+    if not meta.is_file():
+        return None, 0
+    try:
+        state = torch.load(meta, map_location="cpu", weights_only=True)
+        step = int(state["global_step"])
+    except Exception as exc:  # a kill while Lightning was writing it: start the stage over
+        logging.getLogger("sculpt").warning("ignoring unreadable %s (%s)", last, exc)
+        return None, 0
+    logging.getLogger("sculpt").info("resuming training at step %d from %s", step, last)
+    return last, step
+
+
 def _lightning(
-    module: CausalLMModule, batches: StepBatches, spec: TrainerSpec
+    module: CausalLMModule,
+    batches: StepBatches,
+    spec: TrainerSpec,
+    checkpoint_dir: str | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, float]:
     import lightning.pytorch as pl
 
@@ -177,15 +205,33 @@ def _lightning(
         log_every_n_steps=spec.log_every_n_steps,
         deterministic=spec.deterministic,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(spec.checkpoint_every_n_steps and checkpoint_dir),
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,  # StepBatches already gives each rank its share
+        callbacks=_checkpointing(spec, checkpoint_dir),
     )
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
-    trainer.fit(module, train_dataloaders=loader)
+    resume_from, _ = _resume_point(checkpoint_dir)
+    module.step_batches, module.accumulate = batches, spec.accumulate_grad_batches
+    # The loader only paces the loop; training_step takes each step's batch by its index.
+    loader = torch.utils.data.DataLoader(range(len(batches)), batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=True)
     fraction = module.parameter_fraction if module.parameter_fraction is not None else 1.0
     return full_state_dict(module.student), fraction
+
+
+def _checkpointing(spec: TrainerSpec, checkpoint_dir: str | None) -> list[Any]:
+    if not (spec.checkpoint_every_n_steps and checkpoint_dir):
+        return []
+    import lightning.pytorch as pl
+
+    every = pl.callbacks.ModelCheckpoint(
+        dirpath=checkpoint_dir,
+        every_n_train_steps=spec.checkpoint_every_n_steps,
+        save_last=True,
+        save_top_k=0,
+    )
+    return [every]
 
 
 def _deepspeed_cpu(

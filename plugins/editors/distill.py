@@ -82,6 +82,8 @@ class Distill(Editor):
             ),
             seed=ctx.seed,
             block_path=ctx.arch.blocks,
+            # trainer.checkpoint_every_n_steps > 0: a killed stage continues from here
+            checkpoint_dir=str(ctx.resume_dir) if ctx.resume_dir else None,
         )
         out_dir = ctx.stage_dir(ctx.stage_name)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,14 @@ import pytest
 from cli_runner import TINY, run_sculpt, sculpt_command, sculpt_env
 
 # Compress, then distil long enough (a few seconds) that the kill lands inside the stage.
-ARGS = (*TINY, "~analyzer", "editor=distill", "trainer.max_steps=60", "debug_anomaly=false")
+ARGS = (
+    *TINY,
+    "~analyzer",
+    "editor=distill",
+    "trainer.max_steps=60",
+    "trainer.checkpoint_every_n_steps=10",
+    "debug_anomaly=false",
+)
 VOLATILE = ("seconds", "_mb", "_s")
 
 
@@ -23,7 +30,8 @@ def stable(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not k.endswith(VOLATILE)}
 
 
-def kill_inside_second_stage(run_dir: Path, cwd: Path) -> None:
+def kill_when(run_dir: Path, cwd: Path, marker: str) -> None:
+    """Start the run and SIGKILL it (no cleanup possible) once `marker` exists under it."""
     cwd.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [*sculpt_command(), *ARGS, f"hydra.run.dir={run_dir}"],
@@ -33,7 +41,7 @@ def kill_inside_second_stage(run_dir: Path, cwd: Path) -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    state = run_dir / "checkpoints" / "state.json"
+    state = run_dir / marker
     deadline = time.monotonic() + 600
     try:
         while not state.exists():
@@ -48,7 +56,7 @@ def kill_inside_second_stage(run_dir: Path, cwd: Path) -> None:
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    kill_inside_second_stage(resumed, tmp_path / "cwd1")
+    kill_when(resumed, tmp_path / "cwd1", "checkpoints/state.json")
     state = json.loads((resumed / "checkpoints" / "state.json").read_text())
     assert [r["name"] for r in state["completed"]] == ["compressor"]
     assert (resumed / "checkpoints" / state["model_dir"] / "model.safetensors").exists()
@@ -69,8 +77,24 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
 
 def test_resume_refuses_checkpoints_of_another_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    kill_inside_second_stage(run_dir, tmp_path / "cwd1")
+    kill_when(run_dir, tmp_path / "cwd1", "checkpoints/state.json")
     other = run_sculpt([*ARGS, "compressor.bits=2", f"hydra.run.dir={run_dir}"], tmp_path / "cwd2")
     assert other.returncode != 0
     assert "different config" in other.stderr_lines()[-1]
     assert "resume=false" in other.stderr_lines()[-1]
+
+
+def test_killed_training_resumes_from_its_last_step_checkpoint(tmp_path: Path) -> None:
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    kill_when(resumed, tmp_path / "cwd1", "checkpoints/stage-1/last.ckpt")
+    again = run_sculpt([*ARGS, f"hydra.run.dir={resumed}"], tmp_path / "cwd2")
+    assert again.returncode == 0, again.explain()
+    log = again.stdout + again.stderr
+    assert "resuming after 1 completed stage(s)" in log
+    assert "resuming training at step" in log
+    baseline = run_sculpt([*ARGS, f"hydra.run.dir={whole}"], tmp_path / "cwd3")
+    assert baseline.returncode == 0, baseline.explain()
+    got = json.loads((resumed / "metrics.json").read_text())["flat"]
+    want = json.loads((whole / "metrics.json").read_text())["flat"]
+    # the loss curve too: the checkpoint carries the steps before the kill
+    assert stable(got) == pytest.approx(stable(want), rel=1e-6)
