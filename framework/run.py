@@ -332,7 +332,9 @@ def _run(
             _log_eval_line(spec.name, record.eval)
             _check_validators(cfg.eval, spec.name, ref_metrics, record.eval)
             last_eval = record.eval
-        if "compressed" in result.artifacts:
+        if record.metrics.get("bits_per_weight", 32.0) < 16.0:
+            # Quantized codes (not a full-precision container such as a sliced model's):
+            # training the weights freely would leave their grid.
             ctx.weights_on_grid = True
         records.append(record)
         if checkpoints is not None and index < len(specs) - 1:
