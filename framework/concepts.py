@@ -19,6 +19,7 @@ from torch import nn
 
 from framework.errors import SculptError
 from framework.interventions import capture
+from framework.models.arch import blocks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,13 +108,33 @@ def sentence_states(
             ids[i, : len(e)] = torch.tensor(e)
             mask[i, : len(e)] = 1
         with capture(model, arch, [("residual", i) for i in layers]) as store:
-            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            _forward_until(model, arch, max(layers), ids, mask)
         weights = mask.double()
         weights[:, 0] = 0
         weights = weights / weights.sum(1, keepdim=True)
         for i in layers:
             out[i].append(torch.einsum("bs,bsd->bd", weights, store[("residual", i)].double()))
     return {i: torch.cat(v) for i, v in out.items()}
+
+
+class _Enough(Exception):
+    """Raised by a hook once the last block whose output is wanted has run."""
+
+
+def _forward_until(
+    model: nn.Module, arch, last: int, ids: torch.Tensor, mask: torch.Tensor
+) -> None:
+    # The blocks after `last` would only cost time: stop the forward pass there.
+    def stop(*_: object) -> None:
+        raise _Enough
+
+    handle = blocks(model, arch)[last].register_forward_hook(stop)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    except _Enough:
+        pass
+    finally:
+        handle.remove()
 
 
 def _logistic(

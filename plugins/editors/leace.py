@@ -31,6 +31,7 @@ unedited model on the evaluation windows after the stage (``eval.max_kl``).
 from __future__ import annotations
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from framework.concepts import (
@@ -164,7 +165,6 @@ class Leace(Editor):
         total = torch.eye(held_before.shape[1], dtype=torch.float64)
         first_norm = None
         rounds = 0
-        residual = 1.0
         for _ in ctx.track(range(self.iterations), "LEACE fit + fold"):
             x = states(fit_texts)
             xc = x - x.mean(0)
@@ -181,6 +181,9 @@ class Leace(Editor):
             total = eraser @ total
             rounds += 1
         fit_after = states(fit_texts)
+        xc = fit_after - fit_after.mean(0)
+        zc = nn.functional.one_hot(y_fit, n_classes).double()
+        cross_after = float(torch.linalg.matrix_norm(xc.T @ (zc - zc.mean(0)) / len(xc)))
         held_after = states(held_texts)
         acc_after, baseline_after = probe_accuracy(
             held_after, y_held, self.folds, self.l2, ctx.seed
@@ -202,6 +205,8 @@ class Leace(Editor):
             "class_mean_gap_heldout_before": gap_before,
             "class_mean_gap_heldout_after": class_mean_gap(held_after, y_held),
             "head_untied": float(untied),
+            # cross-covariance with the label left on the fitted half, / before the edit
+            "cross_cov_residual": cross_after / first_norm if first_norm else 0.0,
         }
         if (
             self.max_over_baseline is not None
@@ -226,4 +231,12 @@ class Leace(Editor):
                 "class_mean_gap": round(metrics["class_mean_gap_heldout_after"], 4),
             },
         ]
-        return StageResult(metrics=metrics, tables={"erasure": rows})
+        out_dir = ctx.stage_dir(ctx.stage_name or "leace")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "eraser.safetensors"
+        save_file(
+            {"eraser": total.float().contiguous()},
+            str(path),
+            metadata={"layer": str(layer), "rounds": str(rounds), "data": str(self.data)},
+        )
+        return StageResult(metrics=metrics, tables={"erasure": rows}, artifacts={"eraser": path})

@@ -1,0 +1,71 @@
+"""LEACE editor on the tiny Llama: the erased layer's class means coincide, the edit lives
+in the weights (saves and reloads as a plain checkpoint) and the head keeps its weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from framework.errors import ConfigError, SculptError
+from framework.interventions import residual_stream
+from plugins.editors.leace import Leace, class_mean_gap
+
+
+@pytest.fixture
+def concept_file(tmp_path):
+    a = ["cat", "dog", "cow", "fox", "owl", "pig", "rat", "eel", "elk", "emu", "yak", "bee"]
+    t = ["saw", "axe", "awl", "hoe", "vise", "file", "rake", "drill", "plane", "clamp"]
+    frames = ["the {} is here.", "I saw a {} today.", "a {} sat there."]
+    rows = [{"text": f.format(w), "label": "animal"} for w in a for f in frames]
+    rows += [{"text": f.format(w), "label": "tool"} for w in t for f in frames]
+    path = tmp_path / "concept.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_fold_puts_the_eraser_exactly_on_the_stream(tiny, ctx, concept_file, tmp_path) -> None:
+    model = tiny.model.eval()
+    head_before = model.lm_head.weight.detach().clone()
+    editor = Leace(data=str(concept_file), layer=0, max_over_baseline=None)
+    result = editor.edit(model, ctx)
+    assert result.metrics["head_untied"] == 1.0
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, head_before)  # the head still reads the old rows
+
+    # every write into the stream up to the layer passed through the folded map T, so on
+    # any text the stream there lies in T's range: T's left null space annihilates it
+    total = load_file(result.artifacts["eraser"])["eraser"].double()
+    u, s, _ = torch.linalg.svd(total)
+    null = u[:, s < 1e-6 * s.max()]
+    assert null.shape[1] >= 1
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    stream = residual_stream(model, tiny.arch, ids)[0].double()
+    assert float((stream @ null).abs().max()) < 1e-4 * float(stream.abs().max())
+
+    with torch.no_grad():
+        edited = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert not reloaded.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, edited)
+
+
+def test_class_mean_gap() -> None:
+    x = torch.tensor([[0.0, 1.0], [0.0, -1.0], [2.0, 1.0], [2.0, -1.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    assert class_mean_gap(x, y) == pytest.approx(1 / 2**0.5)
+    assert class_mean_gap(x[:, 1:], y) == 0.0
+
+
+def test_bad_arguments(tiny, ctx, concept_file) -> None:
+    with pytest.raises(ConfigError, match="fit_fraction"):
+        Leace(data=str(concept_file), fit_fraction=1.0)
+    with pytest.raises(ConfigError, match="layer"):
+        Leace(data=str(concept_file), layer=7).edit(tiny.model, ctx)
+    with pytest.raises(SculptError, match=r"missing\.jsonl does not exist"):
+        Leace(data="missing.jsonl").edit(tiny.model, ctx)
