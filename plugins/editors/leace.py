@@ -2,25 +2,28 @@
 closed form") fitted on one layer's residual stream and folded into the weights, so the
 edit saves and reloads with the model as a plain Hugging Face checkpoint.
 
-Where the eraser can live. The residual stream after block L is the sum of everything
-written into it: the token embedding and the outputs of the attention and MLP output
-projections of blocks 0..L. A linear map E applied to each of those writers' outputs
-(W <- E W for o_proj / down_proj, rows of the embedding e <- E e) therefore puts E exactly
-on the stream after block L: h'_L = E h~_L. No exact fold places E on the stream after
-block L while leaving blocks 0..L untouched: every later reader sees the stream through an
-RMSNorm (x / rms(x), which does not commute with a projection) and the skip path carries
-h_L onwards unchanged, and Llama's projections have no bias for the affine part. So:
+Where the eraser can live. No exact fold puts E = I - P (the bias-free linear part of
+x -> x - P(x - mu); dropping the constant P mu keeps the guarantee, (I - P) Sigma_xz = 0)
+on the stream after block L of a standard Llama checkpoint while leaving everything else
+as it was: the skip path carries h_L onwards unchanged, every reader sees the stream
+through an RMSNorm (x / rms(x), which does not commute with a projection), and Llama's
+projections have no bias. Two placements, both measured:
 
-* E is the bias-free linear part I - P of the LEACE eraser x -> x - P(x - mu). Dropping
-  the constant P mu shifts the stream's mean but keeps the guarantee: (I - P) Sigma_xz = 0,
-  so every class has the same conditional mean after E and no linear probe can beat a
-  constant predictor on the fitting data (LEACE Theorem 3.1).
-* Blocks 0..L now read an erased stream too, so h~_L is not the h_L the eraser was fitted
-  on. The editor refits on the edited model's own states and folds again (``iterations``)
-  until the remaining cross-covariance is below ``tolerance`` of the first one: each fold
-  is an exact LEACE eraser of the current representation, and the product of the folded
-  maps is the edit.
-* A tied LM head is untied first (it must keep reading the unerased embedding).
+* ``readers`` (default): every reader after block L (q/k/v and gate/up of later blocks,
+  the LM head) reads E h: each RMSNorm gain g is folded into the linears it feeds,
+  W <- W diag(g) E, and set to 1. Blocks 0..L are untouched, so the eraser is fitted once
+  on exactly the states it acts on. The approximation is the normaliser, rms(h) instead of
+  rms(E h); the editor measures it as ``fold_approx_kl``, the KL from a model with E
+  applied exactly (hooks on the stream after every block from L on) to the folded one.
+  The stream itself keeps h: a probe on the raw activations after L still finds the
+  concept; the verification probe reads E h, what the network downstream reads.
+* ``writers``: E on every write into the stream up to block L (embedding rows, o_proj and
+  down_proj of blocks 0..L), so the stream after block L is exactly E h~_L. But blocks
+  0..L then read an erased stream themselves and h~_L is not the h_L the eraser was fitted
+  on; the editor refits and folds again (``iterations``). Measured on SmolLM2 it neither
+  converges nor preserves the function (docs/analysis.md).
+
+A tied LM head is untied first (it must keep reading the unerased embedding or its own E).
 
 Verification, reported in the metrics and enforced by ``max_over_baseline``: a held-out
 probe (k-fold logistic regression, on the examples the eraser never saw) on the edited
@@ -42,7 +45,7 @@ from framework.concepts import (
     stratified_split,
 )
 from framework.errors import ConfigError, SculptError
-from framework.interventions import check_supported, num_layers
+from framework.interventions import check_supported, num_layers, patch
 from framework.models import blocks
 from framework.plugins import Context, Editor, StageResult
 
@@ -54,6 +57,13 @@ def class_mean_gap(x: torch.Tensor, y: torch.Tensor) -> float:
     mu = x.mean(0)
     scale = float((x - mu).pow(2).sum(1).mean().sqrt()) or 1.0
     return max(float((x[y == c].mean(0) - mu).norm()) for c in y.unique()) / scale
+
+
+def _cross_norm(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> float:
+    """Frobenius norm of the cross-covariance of x with the one-hot label."""
+    xc = x - x.mean(0)
+    z = nn.functional.one_hot(y, n_classes).double()
+    return float(torch.linalg.matrix_norm(xc.T @ (z - z.mean(0)) / len(x)))
 
 
 def untie_head(model: nn.Module, embed: nn.Module, head: nn.Module) -> bool:
@@ -83,12 +93,41 @@ def fold_into_writers(model: nn.Module, arch, layer: int, eraser: torch.Tensor) 
             lin.weight.copy_((e @ lin.weight.double()).to(lin.weight.dtype))
 
 
+@torch.no_grad()
+def fold_into_readers(model: nn.Module, arch, layer: int, eraser: torch.Tensor) -> None:
+    """Make every reader of the residual stream after block ``layer`` (the attention and
+    MLP input projections of later blocks, and the LM head) read ``eraser @ h`` instead of
+    ``h``, up to the RMS normalisation: each RMSNorm's gain g is folded into the linears
+    it feeds, W <- W diag(g) E, and set to 1. The one approximation: the readers divide by
+    rms(h), not rms(E h)."""
+    e = eraser.to(torch.float64)
+    groups = [
+        (
+            block.get_submodule(arch.attn_norm),
+            [block.get_submodule(n) for n in (arch.q, arch.k, arch.v)],
+        )
+        for block in list(blocks(model, arch))[layer + 1 :]
+    ] + [
+        (block.get_submodule(arch.mlp_norm), [block.get_submodule(n) for n in arch.mlp_in])
+        for block in list(blocks(model, arch))[layer + 1 :]
+    ]
+    groups.append((model.get_submodule(arch.final_norm), [model.get_submodule(arch.head)]))
+    for norm, readers in groups:
+        gain = norm.weight.double()
+        for lin in readers:
+            lin.weight.copy_((lin.weight.double() * gain @ e).to(lin.weight.dtype))
+        norm.weight.fill_(1.0)
+
+
 class Leace(Editor):
     """Erase a labelled concept from the residual stream after block ``layer``.
 
     Args:
         data: JSON-lines file of {"text", "label"} (relative paths: to the repository too).
         layer: block whose output stream is erased.
+        placement: where the eraser is folded (module docstring): ``readers`` (every
+            reader after the block reads the erased stream; blocks up to it unchanged) or
+            ``writers`` (every write up to the block, refitted ``iterations`` times).
         fit_fraction: stratified fraction of every class the eraser is fitted on; the rest
             is held out for verification.
         split_seed: seed of that split (probes' skip_fraction/split_seed pick the same).
@@ -107,6 +146,7 @@ class Leace(Editor):
         self,
         data: str = "experiments/data/concept_animals_tools.jsonl",
         layer: int = 10,
+        placement: str = "readers",
         fit_fraction: float = 0.5,
         split_seed: int = 0,
         shrinkage: float = 0.0,
@@ -118,6 +158,8 @@ class Leace(Editor):
     ):
         if not 0 < fit_fraction < 1:
             raise ConfigError("fit_fraction", f"{fit_fraction} must be in (0, 1)")
+        if placement not in ("readers", "writers"):
+            raise ConfigError("placement", f"'{placement}' is not one of readers, writers")
         if shrinkage < 0:
             raise ConfigError("shrinkage", f"{shrinkage} must be >= 0")
         if iterations < 1:
@@ -130,6 +172,7 @@ class Leace(Editor):
             raise ConfigError("max_over_baseline", f"{max_over_baseline} must be >= 0")
         self.data = data
         self.layer = layer
+        self.placement = placement
         self.fit_fraction = fit_fraction
         self.split_seed = split_seed
         self.shrinkage = shrinkage
@@ -138,6 +181,24 @@ class Leace(Editor):
         self.folds = folds
         self.l2 = l2
         self.max_over_baseline = max_over_baseline
+
+    @staticmethod
+    @torch.no_grad()
+    def _exact_logits(
+        model: nn.Module, ctx: Context, layer: int, eraser: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logits with E applied exactly to the stream after every block from ``layer`` on
+        (hooks; the readers then normalise E h by its own RMS), on one evaluation window:
+        what the folded weights approximate."""
+        if ctx.evaluation_windows is None or not len(ctx.evaluation_windows):
+            return None
+        ids = ctx.evaluation_windows[:1]
+        e = eraser.float()
+        n = num_layers(model, ctx.arch)
+        patches = {("residual", j): (lambda out: out @ e.T) for j in range(layer, n)}
+        with patch(model, ctx.arch, patches):
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+        return ids, logits
 
     @torch.no_grad()
     def edit(self, model: nn.Module, ctx: Context) -> StageResult:
@@ -162,29 +223,40 @@ class Leace(Editor):
 
         arch = ctx.arch
         untied = untie_head(model, model.get_submodule(arch.embed), model.get_submodule(arch.head))
-        total = torch.eye(held_before.shape[1], dtype=torch.float64)
-        first_norm = None
-        rounds = 0
-        for _ in ctx.track(range(self.iterations), "LEACE fit + fold"):
+        first_norm = _cross_norm(states(fit_texts), y_fit, n_classes)
+        approx_kl = float("nan")
+        if self.placement == "readers":
+            # Blocks up to the layer are untouched, so one exact fit suffices; the probe
+            # reads what every later reader sees, E h.
             x = states(fit_texts)
-            xc = x - x.mean(0)
-            zc = nn.functional.one_hot(y_fit, n_classes).double()
-            zc = zc - zc.mean(0)
-            cross = float(torch.linalg.matrix_norm(xc.T @ zc / len(x)))
-            first_norm = first_norm if first_norm is not None else cross
-            residual = cross / first_norm if first_norm > 0 else 0.0
-            if rounds and residual < self.tolerance:
-                break
             proj, _ = leace(x, y_fit, n_classes, self.shrinkage)
-            eraser = torch.eye(x.shape[1], dtype=torch.float64) - proj
-            fold_into_writers(model, arch, layer, eraser)
-            total = eraser @ total
-            rounds += 1
-        fit_after = states(fit_texts)
-        xc = fit_after - fit_after.mean(0)
-        zc = nn.functional.one_hot(y_fit, n_classes).double()
-        cross_after = float(torch.linalg.matrix_norm(xc.T @ (zc - zc.mean(0)) / len(xc)))
-        held_after = states(held_texts)
+            total = torch.eye(x.shape[1], dtype=torch.float64) - proj
+            exact = self._exact_logits(model, ctx, layer, total)
+            fold_into_readers(model, arch, layer, total)
+            if exact is not None:
+                with torch.no_grad():
+                    folded = model(input_ids=exact[0], use_cache=False).logits.float()
+                lp, lq = exact[1].log_softmax(-1), folded.log_softmax(-1)
+                approx_kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+            rounds = 1
+            fit_after = x @ total.T
+            held_after = held_before @ total.T
+        else:
+            total = torch.eye(held_before.shape[1], dtype=torch.float64)
+            rounds = 0
+            for _ in ctx.track(range(self.iterations), "LEACE fit + fold"):
+                x = states(fit_texts)
+                residual = _cross_norm(x, y_fit, n_classes) / first_norm if first_norm else 0.0
+                if rounds and residual < self.tolerance:
+                    break
+                proj, _ = leace(x, y_fit, n_classes, self.shrinkage)
+                eraser = torch.eye(x.shape[1], dtype=torch.float64) - proj
+                fold_into_writers(model, arch, layer, eraser)
+                total = eraser @ total
+                rounds += 1
+            fit_after = states(fit_texts)
+            held_after = states(held_texts)
+        cross_after = _cross_norm(fit_after, y_fit, n_classes)
         acc_after, baseline_after = probe_accuracy(
             held_after, y_held, self.folds, self.l2, ctx.seed
         )
@@ -205,6 +277,8 @@ class Leace(Editor):
             "class_mean_gap_heldout_before": gap_before,
             "class_mean_gap_heldout_after": class_mean_gap(held_after, y_held),
             "head_untied": float(untied),
+            # readers: KL(exact E on the stream || folded weights), one evaluation window
+            "fold_approx_kl": approx_kl if approx_kl == approx_kl else -1.0,
             # cross-covariance with the label left on the fitted half, / before the edit
             "cross_cov_residual": cross_after / first_norm if first_norm else 0.0,
         }
@@ -237,6 +311,11 @@ class Leace(Editor):
         save_file(
             {"eraser": total.float().contiguous()},
             str(path),
-            metadata={"layer": str(layer), "rounds": str(rounds), "data": str(self.data)},
+            metadata={
+                "layer": str(layer),
+                "placement": self.placement,
+                "rounds": str(rounds),
+                "data": str(self.data),
+            },
         )
         return StageResult(metrics=metrics, tables={"erasure": rows}, artifacts={"eraser": path})

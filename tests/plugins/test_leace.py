@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from framework.errors import ConfigError, SculptError
 from framework.interventions import residual_stream
-from plugins.editors.leace import Leace, class_mean_gap
+from framework.models import build_tiny_llama
+from plugins.editors.leace import Leace, class_mean_gap, fold_into_readers, untie_head
 
 
 @pytest.fixture
@@ -27,10 +28,12 @@ def concept_file(tmp_path):
     return path
 
 
-def test_the_fold_puts_the_eraser_exactly_on_the_stream(tiny, ctx, concept_file, tmp_path) -> None:
+def test_writers_fold_puts_the_eraser_exactly_on_the_stream(
+    tiny, ctx, concept_file, tmp_path
+) -> None:
     model = tiny.model.eval()
     head_before = model.lm_head.weight.detach().clone()
-    editor = Leace(data=str(concept_file), layer=0, max_over_baseline=None)
+    editor = Leace(data=str(concept_file), layer=0, placement="writers", max_over_baseline=None)
     result = editor.edit(model, ctx)
     assert result.metrics["head_untied"] == 1.0
     assert model.lm_head.weight is not model.model.embed_tokens.weight
@@ -53,6 +56,27 @@ def test_the_fold_puts_the_eraser_exactly_on_the_stream(tiny, ctx, concept_file,
     assert not reloaded.config.tie_word_embeddings
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, edited)
+
+
+def test_readers_fold(tiny, ctx, concept_file) -> None:
+    model = tiny.model.eval()
+    ids = torch.randint(3, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    # the identity folds exactly (norm gains moved into the readers)
+    untie_head(model, model.model.embed_tokens, model.lm_head)
+    fold_into_readers(model, tiny.arch, 0, torch.eye(64, dtype=torch.float64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.model.norm.weight, torch.ones(64))
+
+    fresh = type(tiny)(**{**tiny.__dict__, "model": build_tiny_llama().model.eval()})
+    result = Leace(data=str(concept_file), layer=0, max_over_baseline=None).edit(fresh.model, ctx)
+    m = result.metrics
+    # fitted once on states the edit leaves alone: E h has equal class means there
+    assert m["class_mean_gap_fit_after"] < 1e-9
+    assert m["cross_cov_residual"] < 1e-9
+    assert 0 <= m["fold_approx_kl"] < 0.05
 
 
 def test_class_mean_gap() -> None:
