@@ -137,6 +137,23 @@ def _forward_until(
         handle.remove()
 
 
+@torch.no_grad()
+def token_covariance(
+    model: nn.Module, arch, windows: torch.Tensor, layer: int, skip_first: bool = True
+) -> torch.Tensor:
+    """Covariance [d, d] (float64) of the residual stream after block ``layer`` over every
+    token of ``windows`` (the first position of each left out: the attention sink)."""
+    feats = []
+    for window in windows:
+        with capture(model, arch, [("residual", layer)]) as store:
+            _forward_until(model, arch, layer, window.unsqueeze(0), torch.ones_like(window)[None])
+        h = store[("residual", layer)][0].double()
+        feats.append(h[1:] if skip_first else h)
+    x = torch.cat(feats)
+    x = x - x.mean(0)
+    return x.T @ x / len(x)
+
+
 def _logistic(
     x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, steps: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +196,11 @@ def probe_accuracy(
 
 
 def leace(
-    x: torch.Tensor, y: torch.Tensor, n_classes: int, shrinkage: float = 0.0
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    shrinkage: float = 0.0,
+    sigma: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LEACE (Belrose et al., 2023, "LEACE: Perfect linear concept erasure in closed
     form", Theorem 4.3): r(x) = x - P (x - mu) with the oblique projection
@@ -192,7 +213,9 @@ def leace(
     fewer examples than dimensions Sigma is singular: ``shrinkage`` mixes in a multiple of
     the identity, Sigma + s * tr(Sigma)/d * I, trading least-squares optimality for a
     better conditioned eraser (s -> inf gives the orthogonal projection off the class-mean
-    differences).
+    differences). ``sigma``: whiten with this covariance instead of x's (e.g. of token
+    states on generic text: the eraser is then the least-squares one on that text, the
+    text whose predictions the edit must preserve); the guarantee is unchanged.
     """
     x = x.double()
     n, d = x.shape
@@ -200,7 +223,7 @@ def leace(
     xc = x - mu
     z = nn.functional.one_hot(y, n_classes).double()
     zc = z - z.mean(0)
-    sigma = xc.T @ xc / n
+    sigma = xc.T @ xc / n if sigma is None else sigma.double()
     sigma_xz = xc.T @ zc / n  # [d, k]
     if shrinkage > 0:
         sigma = sigma + shrinkage * sigma.trace() / d * torch.eye(d, dtype=sigma.dtype)

@@ -43,6 +43,7 @@ from framework.concepts import (
     probe_accuracy,
     sentence_states,
     stratified_split,
+    token_covariance,
 )
 from framework.errors import ConfigError, SculptError
 from framework.interventions import check_supported, num_layers, patch
@@ -128,6 +129,11 @@ class Leace(Editor):
         placement: where the eraser is folded (module docstring): ``readers`` (every
             reader after the block reads the erased stream; blocks up to it unchanged) or
             ``writers`` (every write up to the block, refitted ``iterations`` times).
+        whiten_on: ``text``: LEACE's whitening uses the covariance of token states on
+            ``whiten_windows`` calibration windows, so the eraser moves generic text as
+            little as possible (the least-squares eraser for that text); ``concept``: the
+            covariance of the labelled sentences (the original LEACE).
+        whiten_windows: calibration windows for ``whiten_on: text``.
         fit_fraction: stratified fraction of every class the eraser is fitted on; the rest
             is held out for verification.
         split_seed: seed of that split (probes' skip_fraction/split_seed pick the same).
@@ -147,6 +153,8 @@ class Leace(Editor):
         data: str = "experiments/data/concept_animals_tools.jsonl",
         layer: int = 10,
         placement: str = "readers",
+        whiten_on: str = "text",
+        whiten_windows: int = 8,
         fit_fraction: float = 0.5,
         split_seed: int = 0,
         shrinkage: float = 0.0,
@@ -160,6 +168,10 @@ class Leace(Editor):
             raise ConfigError("fit_fraction", f"{fit_fraction} must be in (0, 1)")
         if placement not in ("readers", "writers"):
             raise ConfigError("placement", f"'{placement}' is not one of readers, writers")
+        if whiten_on not in ("text", "concept"):
+            raise ConfigError("whiten_on", f"'{whiten_on}' is not one of text, concept")
+        if whiten_windows < 1:
+            raise ConfigError("whiten_windows", f"{whiten_windows} must be >= 1")
         if shrinkage < 0:
             raise ConfigError("shrinkage", f"{shrinkage} must be >= 0")
         if iterations < 1:
@@ -173,6 +185,9 @@ class Leace(Editor):
         self.data = data
         self.layer = layer
         self.placement = placement
+        self.whiten_on = whiten_on
+        self.whiten_windows = whiten_windows
+        self.needs_calibration = whiten_on == "text"  # type: ignore[misc]
         self.fit_fraction = fit_fraction
         self.split_seed = split_seed
         self.shrinkage = shrinkage
@@ -229,7 +244,11 @@ class Leace(Editor):
             # Blocks up to the layer are untouched, so one exact fit suffices; the probe
             # reads what every later reader sees, E h.
             x = states(fit_texts)
-            proj, _ = leace(x, y_fit, n_classes, self.shrinkage)
+            sigma = None
+            if self.whiten_on == "text":
+                windows = ctx.calibration(self.whiten_windows)
+                sigma = token_covariance(model, arch, windows, layer)
+            proj, _ = leace(x, y_fit, n_classes, self.shrinkage, sigma)
             total = torch.eye(x.shape[1], dtype=torch.float64) - proj
             exact = self._exact_logits(model, ctx, layer, total)
             fold_into_readers(model, arch, layer, total)
@@ -260,6 +279,7 @@ class Leace(Editor):
         acc_after, baseline_after = probe_accuracy(
             held_after, y_held, self.folds, self.l2, ctx.seed
         )
+        acc_fit, base_fit = probe_accuracy(fit_after, y_fit, self.folds, self.l2, ctx.seed)
         metrics = {
             "layer": float(layer),
             "fit_examples": float(len(fit_idx)),
@@ -273,6 +293,10 @@ class Leace(Editor):
             "majority_baseline": baseline_after,
             "over_baseline_before": acc_before - baseline,
             "over_baseline_after": acc_after - baseline_after,
+            # the same probe on the half the eraser was fitted on (k-fold: each example
+            # still scored by a probe that never saw it)
+            "probe_after_fit": acc_fit,
+            "over_baseline_after_fit": acc_fit - base_fit,
             "class_mean_gap_fit_after": class_mean_gap(fit_after, y_fit),
             "class_mean_gap_heldout_before": gap_before,
             "class_mean_gap_heldout_after": class_mean_gap(held_after, y_held),
