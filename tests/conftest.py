@@ -113,3 +113,31 @@ def ctx(tiny: LoadedModel, make_ctx, tmp_path: Path) -> Context:
     """A Context for `tiny`: 4 calibration windows x 64 tokens of Shakespeare, 2 evaluation
     windows x 64 tokens of the KJV, output under tmp_path."""
     return make_ctx(tiny, tmp_path)
+
+
+def _train_tiny(spec, workdir: Path, lr: float = 1e-3):
+    """Distil a perturbed tiny Llama towards the unperturbed one under `spec` (any
+    strategy); returns the worker's log and the trained weights on CPU."""
+    import copy
+
+    from framework.lightning.launch import fit
+    from framework.lightning.modules import Objectives
+    from framework.lightning.worker import TrainJob
+
+    teacher = build_tiny_llama(seed=0).model
+    student = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    windows = torch.randint(0, 250, (16, 64), generator=torch.Generator().manual_seed(2))
+    job = TrainJob(spec, Objectives(lr=lr), seed=0, block_path="model.layers")
+    log = fit(student, teacher, windows, job, workdir)
+    return log, {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """train_tiny(spec, workdir) -> (log, weights): the same small distillation problem for
+    every strategy, so their results can be compared."""
+    return _train_tiny

@@ -4,7 +4,6 @@ through a DeepSpeed engine with its CPU accelerator. `make test-distributed`."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -15,10 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from framework.lightning.launch import fit, free_port
-from framework.lightning.modules import Objectives
+from framework.lightning.launch import free_port
 from framework.lightning.spec import TrainerSpec
-from framework.lightning.worker import TrainJob
 from framework.models import build_tiny_llama
 
 pytestmark = pytest.mark.distributed
@@ -26,21 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 
 
-def _problem() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
-    """A perturbed student, its teacher, and 16 windows of 64 tokens."""
-    teacher = build_tiny_llama(seed=0).model
-    student = copy.deepcopy(teacher)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=generator))
-    windows = torch.randint(0, 250, (16, 64), generator=torch.Generator().manual_seed(2))
-    return student, teacher, windows
-
-
-def _train(strategy: str, devices: int, workdir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    student, teacher, windows = _problem()
-    spec = TrainerSpec(
+def _spec(strategy: str, devices: int) -> TrainerSpec:
+    return TrainerSpec(
         strategy=strategy,
         accelerator="cpu",
         devices=devices,
@@ -48,14 +32,11 @@ def _train(strategy: str, devices: int, workdir: Path) -> tuple[dict, dict[str, 
         batch_size=4,
         gradient_clip_val=None,  # FSDP2 under Lightning clips nothing; compare like with like
     )
-    job = TrainJob(spec, Objectives(lr=1e-3), seed=0, block_path="model.layers")
-    outcome = fit(student, teacher, windows, job, workdir)
-    return outcome, {k: v.clone() for k, v in student.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory: pytest.TempPathFactory):
-    return _train("single", 1, tmp_path_factory.mktemp("single"))
+def single_process(train_tiny, tmp_path_factory: pytest.TempPathFactory):
+    return train_tiny(_spec("single", 1), tmp_path_factory.mktemp("single"))
 
 
 # ZeRO-2 partitions optimizer state and gradients but keeps full parameters on each rank.
@@ -64,10 +45,10 @@ PARAMETER_SHARE = {"fsdp2": 0.5, "deepspeed_zero3": 0.5, "deepspeed_zero2": 1.0}
 
 @pytest.mark.parametrize("strategy", list(PARAMETER_SHARE))
 def test_two_ranks_match_one_process_and_hold_their_share(
-    strategy: str, single_process, tmp_path: Path
+    strategy: str, single_process, train_tiny, tmp_path: Path
 ) -> None:
     (ref_log, ref_weights) = single_process
-    log, weights = _train(strategy, 2, tmp_path)
+    log, weights = train_tiny(_spec(strategy, 2), tmp_path)
     assert log["world_size"] == 2 and log["strategy"] == strategy
     assert len(log["losses"]) == len(ref_log["losses"]) == STEPS
     # The same global batches and the same updates: the losses agree step by step.

@@ -4,16 +4,12 @@ result. Skipped where no CUDA device exists; a few minutes on one GPU."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from framework.lightning.launch import fit
-from framework.lightning.modules import Objectives
 from framework.lightning.spec import TrainerSpec
-from framework.lightning.worker import TrainJob
 from framework.models import build_tiny_llama
 
 pytestmark = [
@@ -22,24 +18,11 @@ pytestmark = [
 ]
 
 
-def _train(spec: TrainerSpec, workdir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    teacher = build_tiny_llama(seed=0).model
-    student = copy.deepcopy(teacher)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=generator))
-    windows = torch.randint(0, 250, (16, 64), generator=torch.Generator().manual_seed(2))
-    job = TrainJob(spec, Objectives(lr=1e-3), seed=0, block_path="model.layers")
-    log = fit(student, teacher, windows, job, workdir)
-    return log, {k: v.detach().cpu() for k, v in student.state_dict().items()}
-
-
 @pytest.mark.parametrize("strategy", ["deepspeed_zero3", "single"])
-def test_gpu_training_matches_cpu(strategy: str, tmp_path: Path) -> None:
+def test_gpu_training_matches_cpu(strategy: str, train_tiny, tmp_path: Path) -> None:
     common = dict(max_steps=4, batch_size=4, gradient_clip_val=None)
-    cpu_log, cpu_weights = _train(TrainerSpec(**common), tmp_path / "cpu")
-    gpu_log, gpu_weights = _train(
+    cpu_log, cpu_weights = train_tiny(TrainerSpec(**common), tmp_path / "cpu")
+    gpu_log, gpu_weights = train_tiny(
         TrainerSpec(strategy=strategy, accelerator="gpu", devices=1, **common), tmp_path / "gpu"
     )
     # TF32 and other kernels: agreement to about 1e-3, not bit-exactness.
@@ -51,8 +34,8 @@ def test_gpu_training_matches_cpu(strategy: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 on NCCL needs 2 GPUs")
-def test_fsdp2_on_two_gpus_holds_half_each(tmp_path: Path) -> None:
-    log, _ = _train(
+def test_fsdp2_on_two_gpus_holds_half_each(train_tiny, tmp_path: Path) -> None:
+    log, _ = train_tiny(
         TrainerSpec(strategy="fsdp2", accelerator="gpu", devices=2, max_steps=4), tmp_path
     )
     assert all(0.45 <= share <= 0.55 for share in log["parameter_fractions"])
