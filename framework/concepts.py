@@ -139,10 +139,16 @@ def _forward_until(
 
 @torch.no_grad()
 def token_covariance(
-    model: nn.Module, arch, windows: torch.Tensor, layer: int, skip_first: bool = True
+    model: nn.Module,
+    arch,
+    windows: torch.Tensor,
+    layer: int,
+    skip_first: bool = True,
+    centered: bool = True,
 ) -> torch.Tensor:
     """Covariance [d, d] (float64) of the residual stream after block ``layer`` over every
-    token of ``windows`` (the first position of each left out: the attention sink)."""
+    token of ``windows`` (the first position of each left out: the attention sink);
+    ``centered=False``: the second moment E[h h^T]."""
     feats = []
     for window in windows:
         with capture(model, arch, [("residual", layer)]) as store:
@@ -150,7 +156,8 @@ def token_covariance(
         h = store[("residual", layer)][0].double()
         feats.append(h[1:] if skip_first else h)
     x = torch.cat(feats)
-    x = x - x.mean(0)
+    if centered:
+        x = x - x.mean(0)
     return x.T @ x / len(x)
 
 
