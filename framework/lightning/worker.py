@@ -95,15 +95,17 @@ def _gather_fractions(fraction: float) -> list[float]:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Every rank calls this; rank 0 gets the full, unsharded weights on CPU (ZeRO-3:
     GatheredParameters; FSDP2: a full state dict), the others None."""
+    from framework.lightning.sharding import sharding_kind
+
     rank, _ = _rank_world()
-    params = list(model.parameters())
-    if any(hasattr(p, "ds_numel") for p in params):
+    kind = sharding_kind(model)
+    if kind == "zero3":
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return state if rank == 0 else None
-    if any(hasattr(p, "to_local") for p in params):
+    if kind == "fsdp2":
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
