@@ -49,6 +49,7 @@ from framework.errors import ConfigError, SculptError
 from framework.interventions import check_supported, num_layers, patch
 from framework.models import blocks
 from framework.plugins import Context, Editor, StageResult
+from framework.transforms.readers import fold_into_readers
 
 
 def class_mean_gap(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -92,32 +93,6 @@ def fold_into_writers(model: nn.Module, arch, layer: int, eraser: torch.Tensor) 
             if getattr(lin, "bias", None) is not None:
                 lin.bias.copy_((e @ lin.bias.double()).to(lin.bias.dtype))
             lin.weight.copy_((e @ lin.weight.double()).to(lin.weight.dtype))
-
-
-@torch.no_grad()
-def fold_into_readers(model: nn.Module, arch, layer: int, eraser: torch.Tensor) -> None:
-    """Make every reader of the residual stream after block ``layer`` (the attention and
-    MLP input projections of later blocks, and the LM head) read ``eraser @ h`` instead of
-    ``h``, up to the RMS normalisation: each RMSNorm's gain g is folded into the linears
-    it feeds, W <- W diag(g) E, and set to 1. The one approximation: the readers divide by
-    rms(h), not rms(E h)."""
-    e = eraser.to(torch.float64)
-    groups = [
-        (
-            block.get_submodule(arch.attn_norm),
-            [block.get_submodule(n) for n in (arch.q, arch.k, arch.v)],
-        )
-        for block in list(blocks(model, arch))[layer + 1 :]
-    ] + [
-        (block.get_submodule(arch.mlp_norm), [block.get_submodule(n) for n in arch.mlp_in])
-        for block in list(blocks(model, arch))[layer + 1 :]
-    ]
-    groups.append((model.get_submodule(arch.final_norm), [model.get_submodule(arch.head)]))
-    for norm, readers in groups:
-        gain = norm.weight.double()
-        for lin in readers:
-            lin.weight.copy_((lin.weight.double() * gain @ e).to(lin.weight.dtype))
-        norm.weight.fill_(1.0)
 
 
 class Leace(Editor):
