@@ -21,6 +21,8 @@ from framework.config import CONF_DIR, build, check_config
 from framework.data import WindowSpec, build_windows
 from framework.errors import ConfigError, SculptError
 from framework.eval import evaluate_causal_lm, evaluate_encoder, measure
+from framework.eval.metrics import ReferenceCache
+from framework.eval.validators import check_limits_config, check_stage, edit_metrics
 from framework.io import atomic_dir, atomic_write_json, atomic_write_text, folder_bytes
 from framework.models import LoadedModel
 from framework.plugins import Context, Stage, StageResult, flat_metrics
@@ -102,7 +104,9 @@ def validate(cfg: DictConfig, skip_unused: bool = False) -> list[Stage]:
 
     skip_unused: leave out the trainer node when no stage trains. Binding it imports
     Lightning (seconds per process), which a sweep of quick jobs pays once per job."""
-    stages = [build_stage(s) for s in resolve_stages(cfg)]
+    specs = resolve_stages(cfg)
+    stages = [build_stage(s) for s in specs]
+    check_limits_config(cfg.get("eval"), ["reference", *(s.name for s in specs)])
     trains = any(stage.needs_gradients for stage in stages)
     check_config(cfg, skip=("trainer",) if skip_unused and not trains else ())
     return stages
@@ -128,9 +132,17 @@ def _windows(cfg: DictConfig, key: str, tokenizer: Any, max_positions: int | Non
         raise
 
 
-def _evaluate(model: nn.Module, ctx: Context, eval_cfg: DictConfig, label: str) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module,
+    ctx: Context,
+    eval_cfg: DictConfig,
+    label: str,
+    previous: ReferenceCache | None = None,
+    keep: bool = False,
+) -> tuple[dict[str, float], ReferenceCache | None]:
     """Evaluate against the cached reference outputs; the first call (the reference itself)
-    fills the cache."""
+    fills that cache. ``previous``: also compare with an earlier model's cached outputs;
+    ``keep``: return this model's own cache (for a later edit's before/after)."""
     assert ctx.evaluation_windows is not None
     first = ctx.reference_outputs is None
     kwargs: dict[str, Any] = dict(
@@ -139,41 +151,21 @@ def _evaluate(model: nn.Module, ctx: Context, eval_cfg: DictConfig, label: str) 
         track=ctx.track,
         description=f"eval {label}",
     )
+    cache = None
     with measure() as m:
         if ctx.arch.causal:
+            cache_head = ctx.arch.head if first or keep else None
             got = evaluate_causal_lm(
-                model, ctx.evaluation_windows, cache_head=ctx.arch.head if first else None, **kwargs
+                model, ctx.evaluation_windows, cache_head=cache_head, previous=previous, **kwargs
             )
+            metrics, cache = got if cache_head else (got, None)
         else:
             got = evaluate_encoder(model, ctx.evaluation_windows, cache=first, **kwargs)
-    metrics, cache = got if first else (got, None)
+            metrics, cache = got if first else (got, None)
     if first:
         ctx.reference_outputs = cache
     metrics.update(m.as_metrics("eval_"))
-    return metrics
-
-
-def _check_validators(
-    eval_cfg: DictConfig, stage: str, ref: dict[str, float], got: dict[str, float]
-) -> None:
-    limit = eval_cfg.get("max_ppl_increase")
-    if limit is not None and "perplexity" in got:
-        rise = got["perplexity"] / ref["perplexity"] - 1.0
-        if not rise <= float(limit):
-            raise SculptError(
-                f"eval.max_ppl_increase: stage '{stage}' raised perplexity by {rise:+.1%} "
-                f"({ref['perplexity']:.3f} -> {got['perplexity']:.3f}), limit {float(limit):+.1%}"
-            )
-    for key, metric, worse in (
-        ("max_kl", "kl", lambda v, t: v > t),
-        ("min_top1", "top1_agreement", lambda v, t: v < t),
-        ("min_cosine", "cosine_to_reference", lambda v, t: v < t),
-    ):
-        threshold = eval_cfg.get(key)
-        if threshold is not None and metric in got and worse(got[metric], float(threshold)):
-            raise SculptError(
-                f"eval.{key}: stage '{stage}' has {metric}={got[metric]:.4f}, limit {float(threshold)}"
-            )
+    return metrics, cache
 
 
 def run(cfg: DictConfig) -> RunResult:
@@ -250,7 +242,7 @@ def _run(
     checkpoints = StageCheckpoints(out, cfg) if cfg.get("checkpoint_stages", True) else None
     resume = checkpoints.begin(bool(cfg.get("resume", True))) if checkpoints else None
 
-    ref_metrics = _evaluate(model, ctx, cfg.eval, "reference")
+    ref_metrics, _ = _evaluate(model, ctx, cfg.eval, "reference")
     n_weights = sum(w.numel() for w in _block_weights(model, loaded))
     ref_record = StageRecord(
         name="reference",
@@ -277,6 +269,13 @@ def _run(
 
     state = resume or ResumeState(fingerprint="")
     first = 0
+    # The outputs of the model as it stood after the last weight-changing stage, kept only
+    # while an editor is still to come (None: the model still equals the reference).
+    unedited_cache: ReferenceCache | None = None
+
+    def edits_follow(index: int) -> bool:
+        return ctx.arch.causal and any(p.kind == "editor" for p in stages[index:])
+
     if resume is not None and checkpoints is not None:
         first = len(resume.completed)
         records.extend(StageRecord(**r) for r in resume.completed)
@@ -289,6 +288,10 @@ def _run(
             ", ".join(r["name"] for r in resume.completed) or "none",
             checkpoints.root,
         )
+        if edits_follow(first) and any(r["eval"] for r in resume.completed):
+            # The model before the next edit is not the reference: its outputs are needed
+            # again for the edit's own KL (not kept in the checkpoint: ~160 MB).
+            _, unedited_cache = _evaluate(model, ctx, cfg.eval, "resumed", keep=True)
 
     for index, (spec, plugin) in enumerate(zip(specs, stages, strict=True)):
         if index < first:
@@ -328,21 +331,30 @@ def _run(
             record.metrics.update(size)
             record.metrics["container_bytes"] = float(folder_bytes(result.artifacts["compressed"]))
         if plugin.changes_weights:
-            record.eval = _evaluate(model, ctx, cfg.eval, spec.name)
+            record.eval, cache = _evaluate(
+                model,
+                ctx,
+                cfg.eval,
+                spec.name,
+                previous=unedited_cache if plugin.kind == "editor" else None,
+                keep=edits_follow(index + 1),
+            )
+            if plugin.kind == "editor":
+                if unedited_cache is None:  # nothing changed the weights before this edit
+                    for ours, theirs in (
+                        ("kl", "kl_to_previous"),
+                        ("top1_agreement", "top1_to_previous"),
+                    ):
+                        if ours in record.eval:
+                            record.eval[theirs] = record.eval[ours]
+                record.eval.update(edit_metrics(record.eval, last_eval))
+            unedited_cache = cache
             _log_eval_line(spec.name, record.eval)
-            _check_validators(cfg.eval, spec.name, ref_metrics, record.eval)
             last_eval = record.eval
         if record.metrics.get("bits_per_weight", 32.0) < 16.0:
             # Quantized codes (not a full-precision container such as a sliced model's):
             # training the weights freely would leave their grid.
             ctx.weights_on_grid = True
-        records.append(record)
-        if checkpoints is not None and index < len(specs) - 1:
-            # The last stage needs none: the run's own outputs follow at once.
-            state.completed.append(asdict(record))
-            state.last_eval = last_eval
-            state.weights_on_grid = ctx.weights_on_grid
-            checkpoints.save(state, model if plugin.changes_weights else None, index)
         logger.log_metrics(
             {f"{spec.name}/{k}": v for k, v in {**record.metrics, **record.eval}.items()}
         )
@@ -352,6 +364,16 @@ def _run(
             logger.log_table(f"{spec.name}/tables/{key}", rows)
         for key, path in record.plots.items():
             logger.log_image(f"{spec.name}/plots/{key}", Path(path))
+        # After logging, so a stage that breaks a limit still leaves its numbers in the
+        # tracker; before the checkpoint, so a rerun does not skip the check.
+        check_stage(cfg.eval, spec.name, plugin.kind, ref_metrics, record.metrics, record.eval)
+        records.append(record)
+        if checkpoints is not None and index < len(specs) - 1:
+            # The last stage needs none: the run's own outputs follow at once.
+            state.completed.append(asdict(record))
+            state.last_eval = last_eval
+            state.weights_on_grid = ctx.weights_on_grid
+            checkpoints.save(state, model if plugin.changes_weights else None, index)
 
     if cfg.get("save_model", True):
         with measure() as m_save, atomic_dir(out / "model") as staging:

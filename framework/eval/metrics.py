@@ -44,6 +44,14 @@ def _identity_track(iterable: Any, description: str = "", total: int | None = No
     return iterable
 
 
+def _compare(ref_logits: torch.Tensor, logp: torch.Tensor, kl_mean: Any, top1_mean: Any) -> None:
+    ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    # KL(ref || model) per token = sum_v p_ref (log p_ref - log p_model)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    kl_mean.update(kl.reshape(-1))
+    top1_mean.update((ref_logp.argmax(-1) == logp.argmax(-1)).float().reshape(-1))
+
+
 @torch.no_grad()
 def evaluate_causal_lm(
     model: nn.Module,
@@ -53,10 +61,13 @@ def evaluate_causal_lm(
     track: Track = _identity_track,
     description: str = "evaluate",
     cache_head: str | None = None,
+    previous: ReferenceCache | None = None,
 ) -> tuple[dict[str, float], ReferenceCache | None] | dict[str, float]:
     """Metrics of `model` on `windows`; against `reference` (a model, or the cache a
-    previous call returned) also KL and top-1 agreement. With cache_head (the LM head's
-    module name) it also returns the ReferenceCache of this model's outputs."""
+    previous call returned) also KL and top-1 agreement; against `previous` (the cache of
+    an earlier model of the same run, e.g. the one before an edit) also ``kl_to_previous``
+    and ``top1_to_previous``. With cache_head (the LM head's module name) it also returns
+    the ReferenceCache of this model's outputs."""
     from torchmetrics.aggregation import MeanMetric, SumMetric  # heavy: only when evaluating
 
     model.eval()
@@ -64,6 +75,7 @@ def evaluate_causal_lm(
     # score a NaN model as perplexity 1.0; keep them so _check_finite refuses the result.
     nll_sum, token_count = SumMetric(nan_strategy="disable"), SumMetric(nan_strategy="disable")
     kl_mean, top1_mean = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
+    kl_prev, top1_prev = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
     batches = list(windows.split(batch_size))
     captured: list[torch.Tensor] = []
     hook = _capture_head_inputs(model, cache_head, captured) if cache_head else None
@@ -78,17 +90,15 @@ def evaluate_causal_lm(
             token_count.update(torch.tensor(float(nll.numel())))
             index = slice(start, start + batch.shape[0])
             start += batch.shape[0]
+            if previous is not None:
+                _compare(previous.logits(index), logp, kl_prev, top1_prev)
             if reference is None:
                 continue
             if isinstance(reference, ReferenceCache):
                 ref_logits = reference.logits(index)
             else:
                 ref_logits = reference(input_ids=batch).logits
-            ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-            # KL(ref || model) per token = sum_v p_ref (log p_ref - log p_model)
-            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-            kl_mean.update(kl.reshape(-1))
-            top1_mean.update((ref_logp.argmax(-1) == logp.argmax(-1)).float().reshape(-1))
+            _compare(ref_logits, logp, kl_mean, top1_mean)
     finally:
         if hook is not None:
             hook.remove()
@@ -98,6 +108,9 @@ def evaluate_causal_lm(
     if reference is not None:
         out["kl"] = float(kl_mean.compute())
         out["top1_agreement"] = float(top1_mean.compute())
+    if previous is not None:
+        out["kl_to_previous"] = float(kl_prev.compute())
+        out["top1_to_previous"] = float(top1_prev.compute())
     _check_finite(out, description)
     if cache_head is None:
         return out
