@@ -113,7 +113,8 @@ def load_dictionary(path: str | Path) -> Dictionary:
         raise SculptError(f"dictionary: {path} does not exist")
     with safe_open(str(path), framework="pt") as fh:
         meta = dict(fh.metadata() or {})
-        missing = [t for t in TENSORS if t not in fh]
+        names = set(fh.keys())  # safe_open is not a container: no `in fh`
+        missing = [t for t in TENSORS if t not in names]
         if missing:
             raise SculptError(f"dictionary: {path} lacks tensor(s) {', '.join(missing)}")
         t = {name: fh.get_tensor(name).float() for name in TENSORS}

@@ -63,6 +63,17 @@ def evaluate_dictionary(
     }
 
 
+def heldout_split(
+    windows: torch.Tensor, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out windows, training windows): a seeded ``fraction`` of whole windows."""
+    n_held = max(1, round(fraction * len(windows)))
+    if len(windows) - n_held < 1:
+        raise ConfigError("windows", f"{len(windows)} window(s) leave none to train on")
+    order = torch.randperm(len(windows), generator=generator)
+    return windows[order[:n_held]], windows[order[n_held:]]
+
+
 class SparseAutoencoder(Analyzer):
     """Train a TopK sparse dictionary on one layer and report it on held-out tokens.
 
@@ -144,11 +155,7 @@ class SparseAutoencoder(Analyzer):
         layer %= n_layers
 
         windows = ctx.calibration(self.windows)
-        n_held = max(1, round(self.heldout_fraction * len(windows)))
-        if len(windows) - n_held < 1:
-            raise ConfigError("windows", f"{len(windows)} window(s) leave none to train on")
-        order = torch.randperm(len(windows), generator=ctx.generator())
-        held_w, train_w = windows[order[:n_held]], windows[order[n_held:]]
+        held_w, train_w = heldout_split(windows, self.heldout_fraction, ctx.generator())
 
         start = time.perf_counter()
         was_training = model.training
