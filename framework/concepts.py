@@ -202,6 +202,26 @@ def probe_accuracy(
     return correct / len(y), float(torch.bincount(y).max()) / len(y)
 
 
+def transfer_accuracy(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    l2: float = 1e-2,
+) -> tuple[float, float]:
+    """(accuracy, baseline) of a probe trained on one set and scored on another: the
+    protocol under which LEACE's guarantee speaks (a linear classifier *learned from the
+    erased data* does no better than a constant one). The baseline is the test-set share of
+    the training set's majority class, what the best constant predictor scores there."""
+    n_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
+    mu = x_train.mean(0)
+    sd = x_train.std(0).clamp(min=1e-8)
+    w, b = _logistic((x_train - mu) / sd, y_train, n_classes, l2)
+    predicted = (((x_test - mu) / sd) @ w + b).argmax(1)
+    majority = int(torch.bincount(y_train, minlength=n_classes).argmax())
+    return float((predicted == y_test).double().mean()), float((y_test == majority).double().mean())
+
+
 def leace(
     x: torch.Tensor,
     y: torch.Tensor,

@@ -44,6 +44,7 @@ from framework.concepts import (
     sentence_states,
     stratified_split,
     token_covariance,
+    transfer_accuracy,
 )
 from framework.errors import ConfigError, SculptError
 from framework.interventions import check_supported, num_layers, patch
@@ -213,12 +214,13 @@ class Leace(Editor):
 
         arch = ctx.arch
         untied = untie_head(model, model.get_submodule(arch.embed), model.get_submodule(arch.head))
-        first_norm = _cross_norm(states(fit_texts), y_fit, n_classes)
+        fit_before = states(fit_texts)
+        first_norm = _cross_norm(fit_before, y_fit, n_classes)
         approx_kl = float("nan")
         if self.placement == "readers":
             # Blocks up to the layer are untouched, so one exact fit suffices; the probe
             # reads what every later reader sees, E h.
-            x = states(fit_texts)
+            x = fit_before
             sigma = None
             if self.whiten_on == "text":
                 windows = ctx.calibration(self.whiten_windows)
@@ -259,6 +261,12 @@ class Leace(Editor):
             held_after, y_held, self.folds, self.l2, ctx.seed
         )
         acc_fit, base_fit = probe_accuracy(fit_after, y_fit, self.folds, self.l2, ctx.seed)
+        # LEACE's own guarantee: a probe learned from the erased fitted half, scored on the
+        # held-out half (before: the same probe on the unedited states).
+        transfer_before, transfer_base = transfer_accuracy(
+            fit_before, y_fit, held_before, y_held, self.l2
+        )
+        transfer_after, _ = transfer_accuracy(fit_after, y_fit, held_after, y_held, self.l2)
         metrics = {
             "layer": float(layer),
             "fit_examples": float(len(fit_idx)),
@@ -275,6 +283,11 @@ class Leace(Editor):
             # the same probe on the half the eraser was fitted on (k-fold: each example
             # still scored by a probe that never saw it)
             "probe_after_fit": acc_fit,
+            # trained on the erased fitted half, scored on the held-out half
+            "transfer_probe_before": transfer_before,
+            "transfer_probe_after": transfer_after,
+            "transfer_baseline": transfer_base,
+            "transfer_over_baseline_after": transfer_after - transfer_base,
             "over_baseline_after_fit": acc_fit - base_fit,
             "class_mean_gap_fit_after": class_mean_gap(fit_after, y_fit),
             "class_mean_gap_heldout_before": gap_before,

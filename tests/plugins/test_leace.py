@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from framework.concepts import transfer_accuracy
 from framework.errors import ConfigError, SculptError
 from framework.interventions import residual_stream
 from framework.models import build_tiny_llama
@@ -77,6 +78,22 @@ def test_readers_fold(tiny, ctx, concept_file) -> None:
     assert m["class_mean_gap_fit_after"] < 1e-9
     assert m["cross_cov_residual"] < 1e-9
     assert 0 <= m["fold_approx_kl"] < 0.05
+    # a probe learned from the erased fitted half does no better than a constant on the
+    # held-out half (LEACE's guarantee), while the same probe on the unedited states did
+    assert m["transfer_probe_before"] > m["transfer_baseline"] + 0.2
+    assert m["transfer_over_baseline_after"] <= 0.05
+
+
+def test_transfer_accuracy_scores_a_probe_learned_elsewhere() -> None:
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.randn(200, 8, generator=gen, dtype=torch.float64)
+    x[:, 0] += 3.0 * y  # separable along one axis
+    acc, base = transfer_accuracy(x[:100], y[:100], x[100:], y[100:])
+    assert acc > 0.9 and base == pytest.approx(0.5)
+    x[:, 0] -= 3.0 * y
+    acc, _ = transfer_accuracy(x[:100], y[:100], x[100:], y[100:])
+    assert acc < 0.7
 
 
 def test_class_mean_gap() -> None:
