@@ -18,7 +18,8 @@ is the attention sink):
    overlapping, alternately handed to the explanation and to the held-out scoring set
    (the strongest to the explanation); random snippets of the same length join scoring;
 2. explanation: the explainer reads the explanation snippets, the max token of each marked
-   ``[[like this]]``, and answers a short label (greedy decoding);
+   ``[[like this]]``, and answers a short label (greedy decoding; a local explainer's
+   answer is started with "Label:" for it);
 3. simulation: the explainer sees only the label and a held-out snippet and rates every
    token. Local explainer: one forward pass per snippet over a list ``"token": unknown``
    (Bills et al.'s all-at-once layout) whose answer slots read the explainer's
@@ -62,6 +63,7 @@ from framework.plugins import Analyzer, Context, StageResult
 RANK_BY = ("max", "mean", "frequency")
 API_KEYS = {"base_url", "model", "api_key_env", "timeout_s"}
 MARK = ("[[", "]]")
+LABEL_PREFILL = "Label:"
 
 
 # ----------------------------------------------------------------------------- features
@@ -230,7 +232,9 @@ class LocalExplainer:
 
     @torch.no_grad()
     def explain(self, messages: list[dict[str, str]]) -> str:
-        ids = torch.tensor([self._prompt(messages)])
+        # The answer is started for the model ("Label:"): a 135M chat model otherwise tends
+        # to open with a sentence about the task instead of the label.
+        ids = torch.tensor([self._prompt(messages) + self._ids(LABEL_PREFILL)])
         stops = {self.tokenizer.eos_token_id, *(self._ids("\n")[:1])} - {None}
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         new: list[int] = []
