@@ -22,6 +22,7 @@ from framework.data import WindowSpec, build_windows
 from framework.errors import ConfigError, SculptError
 from framework.eval import evaluate_causal_lm, evaluate_encoder, measure
 from framework.eval.metrics import ReferenceCache
+from framework.eval.topology import TopologyEvaluator, TopologySpec
 from framework.eval.validators import check_limits_config, check_stage, edit_metrics
 from framework.io import atomic_dir, atomic_write_json, atomic_write_text, folder_bytes
 from framework.models import LoadedModel
@@ -107,6 +108,7 @@ def validate(cfg: DictConfig, skip_unused: bool = False) -> list[Stage]:
     specs = resolve_stages(cfg)
     stages = [build_stage(s) for s in specs]
     check_limits_config(cfg.get("eval"), ["reference", *(s.name for s in specs)])
+    TopologySpec.from_config(cfg.eval.get("topology") if cfg.get("eval") else None)
     trains = any(stage.needs_gradients for stage in stages)
     check_config(cfg, skip=("trainer",) if skip_unused and not trains else ())
     return stages
@@ -262,6 +264,17 @@ def _run(
     )
     _log_eval_line("reference", ref_metrics)
     last_eval = ref_metrics
+    topology_spec = TopologySpec.from_config(cfg.eval.get("topology"))
+    topology: TopologyEvaluator | None = None
+    if topology_spec.enabled:
+        with measure() as m_topo:
+            topology = TopologyEvaluator.start(
+                topology_spec, model, ctx.arch, ctx.evaluation_windows
+            )
+        ref_record.metrics["topo_reference_seconds"] = m_topo.seconds
+        log.info(
+            "topology of the reference: %d blocks in %.1f s", len(topology.names), m_topo.seconds
+        )
     if any(plugin.needs_reference for plugin in stages):
         # The untouched model, whatever stage first asks for it (a distillation teacher
         # after a compressor must see the original, not the compressed weights).
@@ -349,6 +362,11 @@ def _run(
                             record.eval[theirs] = record.eval[ours]
                 record.eval.update(edit_metrics(record.eval, last_eval))
             unedited_cache = cache
+            if topology is not None:
+                with measure() as m_topo:
+                    topo_metrics, topo_rows = topology.compare(model)
+                record.eval.update(topo_metrics, topo_seconds=m_topo.seconds)
+                record.tables["topology_distance"] = topo_rows
             _log_eval_line(spec.name, record.eval)
             last_eval = record.eval
         if record.metrics.get("bits_per_weight", 32.0) < 16.0:
@@ -465,7 +483,7 @@ def _fingerprint(model: nn.Module) -> int:
 def _log_eval_line(name: str, metrics: dict[str, float]) -> None:
     parts = [
         f"{k}={metrics[k]:.4g}"
-        for k in ("perplexity", "kl", "top1_agreement", "cosine_to_reference")
+        for k in ("perplexity", "kl", "top1_agreement", "cosine_to_reference", "topo_distance_mean")
         if k in metrics and math.isfinite(metrics[k])
     ]
     log.info(
