@@ -1,0 +1,530 @@
+"""Structured pruning of MLP neurons: magnitude, Wanda, or topology-guided allocation.
+
+Unit: one MLP neuron (intermediate channel) j of a block = row j of every MLP input
+projection (gate and up for Llama, fc1 for OPT) and column j of the output projection
+(down_proj). ``sparsity`` is the fraction of all MLP neurons of the model that are removed;
+the number removed is exactly round(sparsity * total) and the per-block counts add up to it.
+
+How a neuron is removed: its rows (and biases) in the input projections and its column in
+the output projection are set to zero. A plain Llama config has one ``intermediate_size``
+for every layer, so physically narrower matrices per block would not reload with
+``from_pretrained``; zeroing keeps the model a stock HF model, and it is exactly a removal
+(the neuron's activation is act(0) * 0 = 0 and its output column is 0, so deleting those
+rows and columns gives bit-identical outputs). The saving is reported by exact accounting
+(``params_removed``: the zeroed rows, columns and biases) and the pruned indices are written
+to ``<stage>/pruned_neurons.json`` so a later export can shrink the matrices.
+
+Scores (higher = keep):
+
+* ``magnitude``: the L2 norm of all the neuron's weights (gate row, up row, down column).
+* ``wanda`` (structured variant of Sun et al., 2023): ||W_down[:, j]||_2 * ||a_j||_2, with
+  a_j neuron j's activation (the down projection's input) over the calibration tokens,
+  collected by a pre-hook on the output projection during chunked forwards (one [width]
+  sum of squares per block in memory).
+
+Both prune every block at the same rate (the remainder of the exact total is spread over
+the blocks by largest fractional part).
+
+``topology``: Wanda's ranking inside each block, with a non-uniform per-block budget chosen
+by how much pruning each block moves the residual stream's persistence diagrams and the
+output distribution. Per-neuron diagram evaluation (30 blocks x 1536 neurons on SmolLM2)
+is out of reach, so the diagrams are used per block:
+
+1. Probe clouds: ``probe_windows`` calibration windows cut to ``probe_seq_len`` tokens;
+   ``points`` token positions among them (framework.topology.sample_tokens, first position
+   skipped as in eval.topology). The unpruned model's input to every block, its residual
+   clouds at the observed blocks (every ``observe_stride``-th block and the last) and its
+   log-probabilities are computed once.
+2. For each block b: mask (not edit) its ``probe_sparsity`` lowest-Wanda neurons, run
+   blocks b..L-1 from the cached input of block b, and measure
+   (a) the diagram displacement: the mean over observed blocks of the sliced Wasserstein
+   distance between the unpruned and probed diagrams, H0 + H1 (blocks before b are
+   unchanged and count as 0), each cloud scaled by its median norm as in eval.topology;
+   this estimates block b's share of the evaluation's ``topo_distance_mean``;
+   (b) the output error: mean KL(unpruned || probed) per token of the next-token
+   distribution (models without an LM head: relative squared error of the last block's
+   output).
+3. Sensitivity s_b = w * topo_b / mean(topo) + (1 - w) * err_b / mean(err), with
+   w = ``topology_weight``. Per-block sparsity p_b = min(c * s_b^(-power),
+   ``max_block_sparsity``) with c found by bisection so sum_b p_b * width_b equals the
+   global total, then rounded to whole neurons (largest remainder) with the total exact.
+4. Each block drops its p_b * width lowest-Wanda neurons.
+
+Everything in steps 1-3 uses calibration data only, never the evaluation windows. The per
+block probe table (sensitivities, allocated sparsity) is returned as the ``allocation``
+table.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from framework import topology as topo
+from framework.errors import ConfigError, SculptError
+from framework.io import atomic_write_json
+from framework.models import block_linears, blocks
+from framework.models.arch import ArchMap
+from framework.plugins import Compressor, Context, StageResult
+from plugins.compressors.gptq import _capture_block_inputs, _first
+
+log = logging.getLogger("sculpt")
+
+METHODS = ("magnitude", "wanda", "topology")
+
+
+# ----------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------
+
+
+def mlp_layers(block: nn.Module, arch: ArchMap) -> tuple[list[nn.Linear], nn.Linear]:
+    """(input projections, output projection) of a block's MLP."""
+    ins = [block.get_submodule(n) for n in arch.mlp_in]
+    out = block.get_submodule(arch.mlp_out)
+    if not all(isinstance(m, nn.Linear) for m in [*ins, out]):
+        raise SculptError(f"prune: the {arch.family} map's MLP projections are not nn.Linear")
+    return ins, out  # type: ignore[return-value]
+
+
+def magnitude_scores(model: nn.Module, arch: ArchMap) -> list[torch.Tensor]:
+    """Per block [width]: the L2 norm of each neuron's weights (input rows + output column)."""
+    scores = []
+    for block in blocks(model, arch):
+        ins, out = mlp_layers(block, arch)
+        sq = out.weight.detach().float().pow(2).sum(dim=0)
+        for layer in ins:
+            sq = sq + layer.weight.detach().float().pow(2).sum(dim=1)
+        scores.append(sq.sqrt().cpu())
+    return scores
+
+
+@torch.no_grad()
+def activation_norms(
+    model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int
+) -> list[torch.Tensor]:
+    """Per block [width]: ||a_j||_2 over every calibration token, a_j = the output
+    projection's input. Chunked forwards; only one running sum per block is kept."""
+    layers = blocks(model, arch)
+    sums: list[torch.Tensor | None] = [None] * len(layers)
+
+    def hook(i: int):
+        def fn(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            a = args[0].detach().float()
+            sq = a.reshape(-1, a.shape[-1]).pow(2).sum(dim=0).double()
+            current = sums[i]
+            sums[i] = sq if current is None else current + sq
+
+        return fn
+
+    handles = [
+        mlp_layers(block, arch)[1].register_forward_pre_hook(hook(i))
+        for i, block in enumerate(layers)
+    ]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(s is None for s in sums):
+        raise SculptError("prune: some block's MLP never ran during the calibration forward")
+    return [s.sqrt().float().cpu() for s in sums if s is not None]
+
+
+def wanda_scores(model: nn.Module, arch: ArchMap, act_norms: Sequence[torch.Tensor]):
+    """Per block [width]: ||W_out[:, j]|| * ||a_j||."""
+    out = []
+    for block, norms in zip(blocks(model, arch), act_norms, strict=True):
+        w = mlp_layers(block, arch)[1].weight.detach().float()
+        out.append(w.pow(2).sum(dim=0).sqrt().cpu() * norms)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Budgets
+# ----------------------------------------------------------------------------------------
+
+
+def round_exact(real: Sequence[float], total: int, caps: Sequence[int]) -> list[int]:
+    """Integers n_b <= caps_b close to `real` with sum exactly `total` (largest remainder)."""
+    counts = [min(int(math.floor(r)), c) for r, c in zip(real, caps, strict=True)]
+    short = total - sum(counts)
+    order = sorted(range(len(real)), key=lambda b: (-(real[b] - math.floor(real[b])), b))
+    while short > 0:
+        moved = False
+        for b in order:
+            if short == 0:
+                break
+            if counts[b] < caps[b]:
+                counts[b] += 1
+                short -= 1
+                moved = True
+        if not moved:
+            raise ValueError(f"cannot place {total} pruned neurons under the caps {list(caps)}")
+    return counts
+
+
+def uniform_counts(widths: Sequence[int], total: int) -> list[int]:
+    """Same rate in every block, exact total."""
+    frac = total / sum(widths)
+    return round_exact([frac * w for w in widths], total, list(widths))
+
+
+def allocate(
+    sensitivity: Sequence[float],
+    widths: Sequence[int],
+    total: int,
+    power: float = 1.0,
+    max_fraction: float = 0.9,
+) -> list[int]:
+    """Per-block pruned counts inversely proportional to sensitivity^power, each block's
+    rate capped at max_fraction, summing exactly to `total`."""
+    s = np.maximum(np.asarray(sensitivity, dtype=np.float64), 1e-12)
+    w = np.asarray(widths, dtype=np.float64)
+    caps = [int(math.floor(max_fraction * x)) for x in widths]
+    if total > sum(caps):
+        raise ValueError(f"{total} neurons exceed the per-block cap {max_fraction}")
+    inv = s ** (-power)
+
+    def placed(c: float) -> float:
+        return float((np.minimum(c * inv, max_fraction) * w).sum())
+
+    lo, hi = 0.0, 1.0
+    while placed(hi) < total and hi < 1e30:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if placed(mid) < total:
+            lo = mid
+        else:
+            hi = mid
+    real = np.minimum(hi * inv, max_fraction) * w
+    # Scale the continuous solution onto the exact total before rounding.
+    real = real * (total / real.sum()) if real.sum() > 0 else real
+    return round_exact([min(float(r), c) for r, c in zip(real, caps, strict=True)], total, caps)
+
+
+# ----------------------------------------------------------------------------------------
+# Topology probe
+# ----------------------------------------------------------------------------------------
+
+
+def _mask_hook(mask: torch.Tensor):
+    def fn(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0] * mask.to(args[0].dtype), *args[1:])
+
+    return fn
+
+
+@torch.no_grad()
+def probe_sensitivity(
+    model: nn.Module,
+    arch: ArchMap,
+    windows: torch.Tensor,
+    wanda: Sequence[torch.Tensor],
+    probe_sparsity: float,
+    points: int,
+    observe_stride: int,
+    workers: int,
+    seed: int,
+    track: Any = None,
+) -> list[dict[str, float]]:
+    """Per block: diagram displacement (mean SW distance over observed blocks, H0 + H1 and
+    each) and output error when its `probe_sparsity` lowest-Wanda neurons are masked."""
+    track = track or (lambda it, *a, **k: it)
+    layers = list(blocks(model, arch))
+    n = len(layers)
+    observed = sorted({*range(0, n, observe_stride), n - 1})
+    device = next(model.parameters()).device
+    inputs = _capture_block_inputs(model, layers[0], windows, windows.shape[0], device)
+    index = topo.sample_tokens(
+        windows.shape[0], windows.shape[1], points, torch.Generator().manual_seed(seed)
+    )
+    head = model.get_submodule(arch.head) if arch.head else None
+    norm = model.get_submodule(arch.final_norm) if arch.final_norm else None
+
+    def cloud(h: torch.Tensor) -> np.ndarray:
+        flat = h[:, 1:, :].reshape(-1, h.shape[-1])
+        return flat[index.to(flat.device)].to("cpu", torch.float64).numpy()
+
+    def run_from(start: int) -> tuple[dict[int, np.ndarray], torch.Tensor]:
+        """Blocks start..n-1 from the cached input of `start` (one chunk per call):
+        clouds at observed blocks >= start and the final output (log-probs or hidden)."""
+        clouds: dict[int, np.ndarray] = {}
+        h = block_in[start]
+        for i in range(start, n):
+            h = _first(layers[i](h, *call_args, **call_kwargs))
+            if i in observed:
+                clouds[i] = cloud(h)
+        if head is not None:
+            x = norm(h) if norm is not None else h
+            return clouds, torch.log_softmax(head(x).float(), dim=-1)
+        return clouds, h.float()
+
+    # The unpruned model's input to every block (one chunk: probe windows are few).
+    (_, call_args, call_kwargs) = inputs.calls[0]
+    block_in: list[torch.Tensor] = []
+    h = inputs.hidden
+    for layer in layers:
+        block_in.append(h)
+        h = _first(layer(h, *call_args, **call_kwargs))
+    del inputs
+    ref_clouds, ref_out = run_from(0)
+
+    pool = topo.executor(workers)
+    try:
+
+        def submit(c: np.ndarray):
+            dist = topo.pairwise_distances(topo.normalize_cloud(c), "euclidean")
+            return pool.submit(topo.rips_diagrams, dist, 1)
+
+        ref_futures = {i: submit(c) for i, c in ref_clouds.items()}
+        probes: list[tuple[dict[int, Any], float]] = []
+        for b in track(range(n), "prune: topology probe", total=n):
+            out_layer = mlp_layers(layers[b], arch)[1]
+            scores = wanda[b]
+            k = int(round(probe_sparsity * scores.numel()))
+            mask = torch.ones_like(scores)
+            mask[torch.argsort(scores, stable=True)[:k]] = 0.0
+            handle = out_layer.register_forward_pre_hook(_mask_hook(mask.to(device)))
+            try:
+                clouds, out = run_from(b)
+            finally:
+                handle.remove()
+            if head is not None:
+                # KL(unpruned || probed) per token, the evaluation's KL direction.
+                err = float((ref_out.exp() * (ref_out - out)).sum(-1).mean())
+            else:
+                err = float((out - ref_out).pow(2).sum() / ref_out.pow(2).sum().clamp_min(1e-30))
+            probes.append(({i: submit(c) for i, c in clouds.items()}, err))
+        ref_dgms = {i: f.result() for i, f in ref_futures.items()}
+        rows = []
+        for b, (futures, err) in enumerate(probes):
+            d0 = d1 = 0.0
+            for i, f in futures.items():
+                got = f.result()
+                d0 += topo.sliced_wasserstein(ref_dgms[i][0], got[0])
+                d1 += topo.sliced_wasserstein(ref_dgms[i][1], got[1])
+            m = len(observed)
+            rows.append({"block": b, "topo_h0": d0 / m, "topo_h1": d1 / m, "output_error": err})
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for r in rows:
+        r["topo"] = r["topo_h0"] + r["topo_h1"]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# The plugin
+# ----------------------------------------------------------------------------------------
+
+
+class StructuredPrune(Compressor):
+    """Remove a fraction of the MLP neurons (zeroed rows/columns, exact parameter count).
+
+    Args:
+        sparsity: fraction of all MLP neurons removed, in [0, 1).
+        method: magnitude | wanda | topology (see the module docstring).
+        calibration_windows: calibration windows for the activation norms (null: all).
+        batch_size: windows per calibration forward chunk.
+        probe_sparsity: topology: rate at which each block is pruned to measure its
+            sensitivity (null: `sparsity`).
+        probe_windows: topology: calibration windows of the probe clouds.
+        probe_seq_len: topology: tokens per probe window (cut from the calibration's).
+        points: topology: tokens per probe cloud.
+        observe_stride: topology: diagrams at every n-th block (and the last).
+        topology_weight: topology: weight of the diagram displacement against the output
+            error in a block's sensitivity, in [0, 1].
+        power: topology: per-block rate proportional to sensitivity^-power.
+        max_block_sparsity: topology: no block loses more than this fraction.
+        workers: processes computing persistence diagrams.
+    """
+
+    needs_calibration = True
+
+    def __init__(
+        self,
+        sparsity: float = 0.25,
+        method: Literal["magnitude", "wanda", "topology"] = "wanda",
+        calibration_windows: int | None = 16,
+        batch_size: int = 4,
+        probe_sparsity: float | None = None,
+        probe_windows: int = 4,
+        probe_seq_len: int = 128,
+        points: int = 256,
+        observe_stride: int = 1,
+        topology_weight: float = 0.5,
+        power: float = 1.0,
+        max_block_sparsity: float = 0.75,
+        workers: int = 2,
+    ):
+        def fraction(name: str, value: Any, closed: bool = False) -> float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0)
+            if not ok:
+                interval = "[0, 1]" if closed else "[0, 1)"
+                raise ConfigError(name, f"{value} must be a fraction in {interval}")
+            return float(value)
+
+        self.sparsity = fraction("sparsity", sparsity)
+        if method not in METHODS:
+            raise ConfigError("method", f"'{method}' is not one of {', '.join(METHODS)}")
+        self.method = method
+        if calibration_windows is not None and calibration_windows < 1:
+            raise ConfigError(
+                "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
+            )
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("probe_windows", probe_windows, 1),
+            ("probe_seq_len", probe_seq_len, 2),
+            ("points", points, 8),
+            ("observe_stride", observe_stride, 1),
+            ("workers", workers, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(name, f"{value} must be an integer >= {low}")
+        self.calibration_windows = calibration_windows
+        self.batch_size = batch_size
+        self.probe_sparsity = (
+            None if probe_sparsity is None else fraction("probe_sparsity", probe_sparsity)
+        )
+        if self.probe_sparsity == 0.0:
+            raise ConfigError("probe_sparsity", "0 measures nothing; use a rate in (0, 1)")
+        self.probe_windows = probe_windows
+        self.probe_seq_len = probe_seq_len
+        self.points = points
+        self.observe_stride = observe_stride
+        self.topology_weight = fraction("topology_weight", topology_weight, closed=True)
+        if not (isinstance(power, int | float) and math.isfinite(power) and power >= 0):
+            raise ConfigError("power", f"{power} must be a finite number >= 0")
+        self.power = float(power)
+        self.max_block_sparsity = fraction("max_block_sparsity", max_block_sparsity, closed=True)
+        if self.max_block_sparsity < self.sparsity:
+            raise ConfigError(
+                "max_block_sparsity",
+                f"{max_block_sparsity} is below sparsity {sparsity}: the total cannot be placed",
+            )
+        self.workers = workers
+
+    # The steps, public so tests and analyses can call them one by one.
+
+    def scores(self, model: nn.Module, ctx: Context) -> list[torch.Tensor]:
+        if self.method == "magnitude":
+            return magnitude_scores(model, ctx.arch)
+        windows = ctx.calibration(self.calibration_windows)
+        norms = activation_norms(model, ctx.arch, windows, self.batch_size)
+        return wanda_scores(model, ctx.arch, norms)
+
+    def counts(
+        self, model: nn.Module, ctx: Context, scores: Sequence[torch.Tensor]
+    ) -> tuple[list[int], list[dict[str, float]]]:
+        """Pruned neurons per block and the allocation table."""
+        widths = [s.numel() for s in scores]
+        total = int(round(self.sparsity * sum(widths)))
+        if self.method != "topology" or total == 0:
+            counts = uniform_counts(widths, total)
+            return counts, [
+                {"block": b, "width": w, "pruned": c, "sparsity": c / w}
+                for b, (w, c) in enumerate(zip(widths, counts, strict=True))
+            ]
+        calib = ctx.calibration()
+        windows = calib[: self.probe_windows, : self.probe_seq_len]
+        rows = probe_sensitivity(
+            model,
+            ctx.arch,
+            windows,
+            scores,
+            self.probe_sparsity if self.probe_sparsity is not None else self.sparsity,
+            self.points,
+            self.observe_stride,
+            self.workers,
+            ctx.seed,
+            ctx.track,
+        )
+        t = np.array([r["topo"] for r in rows])
+        e = np.array([r["output_error"] for r in rows])
+        # Each term relative to its own mean, so the weight means what it says whatever
+        # the units (SW distance vs nats).
+        sens = self.topology_weight * t / max(t.mean(), 1e-30) + (
+            1 - self.topology_weight
+        ) * e / max(e.mean(), 1e-30)
+        counts = allocate(sens, widths, total, self.power, self.max_block_sparsity)
+        for r, s, c, w in zip(rows, sens, counts, widths, strict=True):
+            r.update(sensitivity=float(s), width=w, pruned=c, sparsity=c / w)
+        return counts, rows
+
+    @torch.no_grad()
+    def compress(self, model: nn.Module, ctx: Context) -> StageResult:
+        arch = ctx.arch
+        was_training = model.training
+        model.eval()
+        try:
+            scores = self.scores(model, ctx)
+            counts, table = self.counts(model, ctx, scores)
+        finally:
+            model.train(was_training)
+        params_before = sum(p.numel() for p in model.parameters())
+        block_weights = sum(m.weight.numel() for m in block_linears(model, arch).values())
+        removed_params = 0
+        pruned: dict[str, list[int]] = {}
+        for b, (block, s, k) in enumerate(zip(blocks(model, arch), scores, counts, strict=True)):
+            idx = torch.argsort(s, stable=True)[:k]
+            pruned[str(b)] = sorted(int(i) for i in idx)
+            removed_params += prune_neurons(block, arch, idx)
+        path = atomic_write_json(
+            ctx.stage_dir("prune") / "pruned_neurons.json",
+            {"method": self.method, "blocks": pruned},
+        )
+        widths = [s.numel() for s in scores]
+        n_removed = sum(counts)
+        log.info(
+            "prune (%s): %d of %d MLP neurons removed (%.1f%%), %.2fM parameters",
+            self.method,
+            n_removed,
+            sum(widths),
+            100 * n_removed / sum(widths),
+            removed_params / 1e6,
+        )
+        metrics: dict[str, float] = {
+            "neurons_total": float(sum(widths)),
+            "neurons_removed": float(n_removed),
+            "mlp_sparsity": n_removed / sum(widths),
+            "params_removed": float(removed_params),
+            "params_before": float(params_before),
+            "params_after": float(params_before - removed_params),
+            "block_weights_kept": 1.0 - removed_params / block_weights,
+            "block_sparsity_min": min(c / w for c, w in zip(counts, widths, strict=True)),
+            "block_sparsity_max": max(c / w for c, w in zip(counts, widths, strict=True)),
+        }
+        return StageResult(
+            metrics=metrics,
+            artifacts={"pruned_neurons": path},
+            tables={"allocation": table},
+            model=model,
+        )
+
+
+def prune_neurons(block: nn.Module, arch: ArchMap, idx: torch.Tensor) -> int:
+    """Zero neurons `idx` of a block's MLP; returns how many parameters that removes."""
+    ins, out = mlp_layers(block, arch)
+    if idx.numel() == 0:
+        return 0
+    removed = 0
+    for layer in ins:
+        layer.weight.data[idx.to(layer.weight.device)] = 0.0
+        removed += idx.numel() * layer.weight.shape[1]
+        if layer.bias is not None:
+            layer.bias.data[idx.to(layer.bias.device)] = 0.0
+            removed += idx.numel()
+    out.weight.data[:, idx.to(out.weight.device)] = 0.0
+    removed += idx.numel() * out.weight.shape[0]
+    return removed
