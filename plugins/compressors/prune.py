@@ -155,7 +155,7 @@ def wanda_scores(model: nn.Module, arch: ArchMap, act_norms: Sequence[torch.Tens
 
 def round_exact(real: Sequence[float], total: int, caps: Sequence[int]) -> list[int]:
     """Integers n_b <= caps_b close to `real` with sum exactly `total` (largest remainder)."""
-    counts = [min(int(math.floor(r)), c) for r, c in zip(real, caps, strict=True)]
+    counts = [min(math.floor(r), c) for r, c in zip(real, caps, strict=True)]
     short = total - sum(counts)
     order = sorted(range(len(real)), key=lambda b: (-(real[b] - math.floor(real[b])), b))
     while short > 0:
@@ -189,7 +189,7 @@ def allocate(
     rate capped at max_fraction, summing exactly to `total`."""
     s = np.maximum(np.asarray(sensitivity, dtype=np.float64), 1e-12)
     w = np.asarray(widths, dtype=np.float64)
-    caps = [int(math.floor(max_fraction * x)) for x in widths]
+    caps = [math.floor(max_fraction * x) for x in widths]
     if total > sum(caps):
         raise ValueError(f"{total} neurons exceed the per-block cap {max_fraction}")
     inv = s ** (-power)
@@ -291,7 +291,7 @@ def probe_sensitivity(
         for b in track(range(n), "prune: topology probe", total=n):
             out_layer = mlp_layers(layers[b], arch)[1]
             scores = wanda[b]
-            k = int(round(probe_sparsity * scores.numel()))
+            k = round(probe_sparsity * scores.numel())
             mask = torch.ones_like(scores)
             mask[torch.argsort(scores, stable=True)[:k]] = 0.0
             handle = out_layer.register_forward_pre_hook(_mask_hook(mask.to(device)))
@@ -429,7 +429,7 @@ class StructuredPrune(Compressor):
     ) -> tuple[list[int], list[dict[str, float]]]:
         """Pruned neurons per block and the allocation table."""
         widths = [s.numel() for s in scores]
-        total = int(round(self.sparsity * sum(widths)))
+        total = round(self.sparsity * sum(widths))
         if self.method != "topology" or total == 0:
             counts = uniform_counts(widths, total)
             return counts, [
