@@ -21,12 +21,15 @@ product, Charikar et al., 2002), so the corpus' gradients stay [passages, projec
 
 Corpus: a JSON-lines file of {"text": ...} (other keys kept; a boolean key named by
 ``relevant_key`` marks the passages expected to rank high, and the stage then reports their
-ranks against a random ranking), or a plain text file split into passages at blank lines.
+ranks against a random ranking and against a model-free baseline, the Jaccard overlap of
+lower-cased word sets with the query), or a plain text file split into passages at blank
+lines.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -258,6 +261,7 @@ class Influence(Analyzer):
         }
         relevant = [i for i in range(n) if key and bool(rows[i].get(key, False))]
         ranks = sorted(rank[i] for i in relevant)
+        lex: list[int] = []
         if relevant:
             m = len(relevant)
             k = self.top_k
@@ -277,6 +281,14 @@ class Influence(Analyzer):
             if len(relevant) < n:
                 # AUC: the chance a relevant passage outranks an irrelevant one (0.5: chance).
                 metrics["auc"] = _auc(ranks, n)
+            # A model-free baseline on the same corpus: word overlap with the query.
+            query = _words(self.prompt + self.completion)
+            overlap = [_jaccard(query, _words(str(r["text"]))) for r in rows]
+            lex_order = sorted(range(n), key=lambda i: (-overlap[i], i))
+            lex_rank = {i: r + 1 for r, i in enumerate(lex_order)}
+            lex = sorted(lex_rank[i] for i in relevant)
+            metrics["lexical_mean_rank"] = sum(lex) / m
+            metrics[f"lexical_recall_at_{k}"] = sum(r <= k for r in lex) / m
         folder = ctx.stage_dir(ctx.stage_name or "influence")
         ranking = [{"rank": rank[i], "index": i, "score": scores[i], **rows[i]} for i in order]
         json_path = atomic_write_json(
@@ -290,6 +302,7 @@ class Influence(Analyzer):
                 "layers": self.layers,
                 "projection": self.projection,
                 "relevant_ranks": ranks,
+                "lexical_relevant_ranks": lex,
                 "ranking": ranking,
             },
         )
@@ -320,6 +333,14 @@ def _auc(ranks: list[int], n: int) -> float:
     # Irrelevant passages ranked below each relevant one, over all (relevant, irrelevant) pairs.
     below = sum((n - r) - (m - 1 - j) for j, r in enumerate(ranks))
     return below / (m * (n - m))
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / max(len(a | b), 1)
 
 
 def _excerpt(text: str, width: int = 120) -> str:

@@ -59,6 +59,7 @@ def test_the_query_itself_ranks_first_and_weights_are_untouched(
     assert result.metrics["relevant_mean_rank"] == 1.0
     assert result.metrics["recall_at_3"] == 1.0
     assert result.metrics["auc"] == 1.0
+    assert result.metrics["lexical_mean_rank"] == 1.0  # word overlap 1 with itself
     assert result.metrics["random_mean_rank"] == (len(texts) + 1) / 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
