@@ -12,7 +12,9 @@ for every layer, so physically narrower matrices per block would not reload with
 (the neuron's activation is act(0) * 0 = 0 and its output column is 0, so deleting those
 rows and columns gives bit-identical outputs). The saving is reported by exact accounting
 (``params_removed``: the zeroed rows, columns and biases) and the pruned indices are written
-to ``<stage>/pruned_neurons.json`` so a later export can shrink the matrices.
+to ``<stage>/pruned_neurons.json`` (and the container's meta) so a later export can shrink
+the matrices. The container stores the changed MLP projections raw (zero-filled), so it
+decodes to the model exactly; its 32 bits/weight do not show the saving, params_removed does.
 
 Scores (higher = keep):
 
@@ -67,6 +69,8 @@ import torch
 from torch import nn
 
 from framework import topology as topo
+from framework.codecs import write_container
+from framework.codecs.raw import encode_raw
 from framework.errors import ConfigError, SculptError
 from framework.io import atomic_write_json
 from framework.models import block_linears, blocks
@@ -484,6 +488,21 @@ class StructuredPrune(Compressor):
             ctx.stage_dir("prune") / "pruned_neurons.json",
             {"method": self.method, "blocks": pruned},
         )
+        # The container holds every tensor the pruning changed (the MLP projections of the
+        # blocks that lost neurons), raw and zero-filled: it decodes to the model's weights
+        # exactly. Its bits/weight stays 32; the saving is params_removed.
+        changed = {
+            f"{arch.blocks}.{b}.{rel}.{kind}"
+            for b, k in enumerate(counts)
+            if k > 0
+            for rel in (*arch.mlp_in, arch.mlp_out)
+            for kind in ("weight", "bias")
+        }
+        container = write_container(
+            ctx.stage_dir("compressed"),
+            {n: encode_raw(t) for n, t in model.state_dict().items() if n in changed},
+            meta={"method": f"prune-{self.method}", "sparsity": self.sparsity, "blocks": pruned},
+        )
         widths = [s.numel() for s in scores]
         n_removed = sum(counts)
         log.info(
@@ -507,7 +526,7 @@ class StructuredPrune(Compressor):
         }
         return StageResult(
             metrics=metrics,
-            artifacts={"pruned_neurons": path},
+            artifacts={"compressed": container, "pruned_neurons": path},
             tables={"allocation": table},
             model=model,
         )
