@@ -360,8 +360,10 @@ class FeatureLabels(Analyzer):
     simulation (Bills et al., 2023).
 
     Args:
-        dictionary: SAE dictionary (safetensors, see the module docstring); null: the MLP
-            neurons of block ``layer``.
+        dictionary: SAE dictionary (safetensors, see the module docstring); a relative
+            path is looked up in the run's output folder first (e.g. ``sae/dictionary.
+            safetensors``, written by an earlier ``sae`` stage), then as given; null: the
+            MLP neurons of block ``layer``.
         layer: block whose MLP neurons are labelled (ignored with a dictionary, which names
             its own layer and site).
         features: how many features to label (the top ones by ``rank_by``).
@@ -479,7 +481,10 @@ class FeatureLabels(Analyzer):
         windows = ctx.calibration(self.windows)
         n_layers = num_layers(model, ctx.arch)
         if self.dictionary is not None:
-            sae = read_dictionary(self.dictionary)
+            path = Path(self.dictionary).expanduser()
+            if not path.is_absolute() and (ctx.output_dir / path).is_file():
+                path = ctx.output_dir / path  # written by an earlier stage of this run
+            sae = read_dictionary(path)
             if not -n_layers <= sae.layer < n_layers:
                 raise ConfigError(
                     "dictionary", f"layer {sae.layer} not in a {n_layers}-block model"

@@ -113,7 +113,7 @@ def test_a_perfect_simulator_scores_one(tiny, ctx, monkeypatch) -> None:
     assert {r["label"] for r in result.tables["feature_labels"]} == {"the oracle"}
 
 
-def test_sae_dictionary_features(tiny, ctx, tmp_path) -> None:
+def test_sae_dictionary_features(tiny, ctx) -> None:
     model = tiny.model.eval()
     gen = torch.Generator().manual_seed(3)
     f, d = 32, 64
@@ -127,8 +127,11 @@ def test_sae_dictionary_features(tiny, ctx, tmp_path) -> None:
         layer=LAYER,
         site="residual",
     )
-    path = save_dictionary(tmp_path / "dictionary.safetensors", dictionary)
-    plugin = FeatureLabels(dictionary=str(path), features=2, explainer="self", windows=4)
+    # Where an earlier `sae` stage of the run leaves it; the relative path finds it there.
+    save_dictionary(ctx.output_dir / "sae" / "dictionary.safetensors", dictionary)
+    plugin = FeatureLabels(
+        dictionary="sae/dictionary.safetensors", features=2, explainer="self", windows=4
+    )
     result = plugin.analyze(model, ctx)
     saved = json.loads(Path(result.artifacts["feature_labels"]).read_text())
     assert saved["unit"] == "feature" and saved["layer"] == LAYER
