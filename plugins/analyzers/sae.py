@@ -29,6 +29,7 @@ from framework.dictionary import (
     collect_activations,
     decode,
     encode,
+    massive_mask,
     save_dictionary,
 )
 from framework.errors import ConfigError
@@ -93,6 +94,9 @@ class SparseAutoencoder(Analyzer):
         batch_tokens: activations per optimizer step; null: trainer.batch_size windows'
             worth (batch_size x tokens per window, drawn shuffled across all windows).
         collect_batch: windows per forward pass while collecting.
+        massive_ratio: tokens whose activation norm exceeds this x the median (massive
+            activations at sink-like positions) are left out of training and evaluation
+            and counted (``massive_tokens``); null: keep every token.
     """
 
     needs_calibration = True
@@ -112,6 +116,7 @@ class SparseAutoencoder(Analyzer):
         heldout_fraction: float = 0.1,
         batch_tokens: int | None = None,
         collect_batch: int = 8,
+        massive_ratio: float | None = 10.0,
     ):
         if site not in SITES or site == "embed":
             raise ConfigError("site", f"'{site}' is not one of residual, mlp, attn")
@@ -140,6 +145,9 @@ class SparseAutoencoder(Analyzer):
         self.dead_after_tokens, self.windows = dead_after_tokens, windows
         self.heldout_fraction, self.batch_tokens = heldout_fraction, batch_tokens
         self.collect_batch = collect_batch
+        if massive_ratio is not None and not massive_ratio > 1:
+            raise ConfigError("massive_ratio", f"must be > 1 or null, got {massive_ratio}")
+        self.massive_ratio = massive_ratio
 
     def analyze(self, model: nn.Module, ctx: Context) -> StageResult:
         from framework.lightning.dictionary import DictionaryConfig, default_lr, train_dictionary
@@ -167,6 +175,13 @@ class SparseAutoencoder(Analyzer):
         finally:
             model.train(was_training)
         collect_seconds = time.perf_counter() - start
+        massive = 0
+        if self.massive_ratio is not None:
+            median = float(x_train.norm(dim=-1).median())
+            drop_train = massive_mask(x_train, self.massive_ratio, median)
+            drop_held = massive_mask(x_held, self.massive_ratio, median)
+            massive = int(drop_train.sum()) + int(drop_held.sum())
+            x_train, x_held = x_train[~drop_train], x_held[~drop_held]
 
         spec = ctx.trainer
         per_window = max(windows.shape[1] - 1, 1)
@@ -241,6 +256,7 @@ class SparseAutoencoder(Analyzer):
             "dead_in_training": float(outcome.dead_at_end),
             "train_tokens": float(len(x_train)),
             "heldout_tokens": float(len(x_held)),
+            "massive_tokens": float(massive),
             "steps": float(outcome.steps),
             "batch_tokens": float(min(batch_tokens, len(x_train))),
             "lr": config.lr,
