@@ -361,6 +361,8 @@ def _run(
                         if ours in record.eval:
                             record.eval[theirs] = record.eval[ours]
                 record.eval.update(edit_metrics(record.eval, last_eval))
+                record.eval.pop("kl_to_previous", None)  # reported as kl_to_unedited
+                record.eval.pop("top1_to_previous", None)
             unedited_cache = cache
             if topology is not None:
                 with measure() as m_topo:
