@@ -239,7 +239,9 @@ class Rome(Editor):
     Args:
         data: JSON-lines request file (relative paths: from the repository).
         requests: use the first this many requests; null: all.
-        layer: block whose ``down_proj`` is edited (negative: from the end).
+        layer: block whose ``down_proj`` is edited (negative: from the end); null: block
+            n_blocks // 6, early-middle, where causal tracing finds the subject's MLP
+            effect (SmolLM2's 30 blocks: 5; the tiny test Llama's 2: 0).
         prefixes: sampled texts put in front of the prompt for the key and the value
             optimisation (ROME: 20; the plain prompt is always one more context).
         prefix_tokens: tokens per sampled prefix.
@@ -266,7 +268,7 @@ class Rome(Editor):
         self,
         data: str = "experiments/data/fact_requests.jsonl",
         requests: int | None = None,
-        layer: int = 1,
+        layer: int | None = None,
         prefixes: int = 3,
         prefix_tokens: int = 6,
         cov_windows: int = 8,
@@ -598,9 +600,10 @@ class Rome(Editor):
         if self.requests is not None:
             requests = requests[: self.requests]
         n_layers = num_layers(model, ctx.arch)
-        if not -n_layers <= self.layer < n_layers:
-            raise ConfigError("layer", f"{self.layer} does not exist (model has {n_layers} blocks)")
-        layer = self.layer % n_layers
+        chosen = n_layers // 6 if self.layer is None else self.layer
+        if not -n_layers <= chosen < n_layers:
+            raise ConfigError("layer", f"{chosen} does not exist (model has {n_layers} blocks)")
+        layer = chosen % n_layers
         tok = ctx.tokenizer
         was_training = model.training
         model.eval()
