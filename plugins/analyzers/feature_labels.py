@@ -18,8 +18,8 @@ is the attention sink):
    overlapping, alternately handed to the explanation and to the held-out scoring set
    (the strongest to the explanation); random snippets of the same length join scoring;
 2. explanation: the explainer reads the explanation snippets, the max token of each marked
-   ``[[like this]]``, and answers a short label (greedy decoding; a local explainer's
-   answer is started with "Label:" for it);
+   ``[[like this]]`` and the marked tokens listed once more, and answers a short label
+   (greedy decoding; the first line of the answer is kept);
 3. simulation: the explainer sees only the label and a held-out snippet and rates every
    token. Local explainer: one forward pass per snippet over a list ``"token": unknown``
    (Bills et al.'s all-at-once layout) whose answer slots read the explainer's
@@ -63,7 +63,6 @@ from framework.plugins import Analyzer, Context, StageResult
 RANK_BY = ("max", "mean", "frequency")
 API_KEYS = {"base_url", "model", "api_key_env", "timeout_s"}
 MARK = ("[[", "]]")
-LABEL_PREFILL = "Label:"
 
 
 # ----------------------------------------------------------------------------- features
@@ -127,11 +126,16 @@ class Snippet:
         return "".join(self.tokens).replace("\n", " ").strip()
 
 
-def top_positions(acts: torch.Tensor, count: int, radius: int) -> list[tuple[int, int]]:
-    """(row, position) of the largest entries of acts [n, seq], position 0 excluded, no
-    two within ``radius`` of each other in one row, largest first."""
+def top_positions(
+    acts: torch.Tensor, count: int, radius: int, excluded: torch.Tensor | None = None
+) -> list[tuple[int, int]]:
+    """(row, position) of the largest entries of acts [n, seq], position 0 and the
+    ``excluded`` ones [n, seq] left out, no two within ``radius`` of each other in one row,
+    largest first."""
     masked = acts.clone()
     masked[:, 0] = -math.inf
+    if excluded is not None:
+        masked[excluded] = -math.inf
     order = masked.flatten().argsort(descending=True)
     seq = acts.shape[1]
     picked: list[tuple[int, int]] = []
@@ -160,15 +164,18 @@ def pearson(simulated: list[float], true: list[float]) -> float:
 
 # ---------------------------------------------------------------------------- prompts
 def label_messages(snippets: list[Snippet], unit: str) -> list[dict[str, str]]:
-    lines = "\n".join(f"{i}. {s.marked()}" for i, s in enumerate(snippets, 1))
+    # Listing the marked tokens again helps a small explainer: asked only about the
+    # excerpts, SmolLM2-135M tended to echo the instructions back as its "label".
+    lines = "\n".join(f"- {s.marked()}" for s in snippets)
+    words = ", ".join(_token_text(s.tokens[s.peak].strip()) for s in snippets)
     return [
         {
             "role": "user",
             "content": (
-                f"A {unit} inside a language model was recorded while it read text. In each "
-                f"excerpt below, the token between {MARK[0]} and {MARK[1]} is where the "
-                f"{unit} fired most strongly.\n\n{lines}\n\nWhat do the marked tokens have in "
-                "common? Answer with a short label of at most six words and nothing else."
+                f"A {unit} inside a language model fires on the words marked with "
+                f"{MARK[0]} {MARK[1]} in these excerpts:\n{lines}\n\nThe marked words: "
+                f"{words}.\nIn a few words, what kind of words are they, or what do they "
+                "have in common?"
             ),
         }
     ]
@@ -232,9 +239,7 @@ class LocalExplainer:
 
     @torch.no_grad()
     def explain(self, messages: list[dict[str, str]]) -> str:
-        # The answer is started for the model ("Label:"): a 135M chat model otherwise tends
-        # to open with a sentence about the task instead of the label.
-        ids = torch.tensor([self._prompt(messages) + self._ids(LABEL_PREFILL)])
+        ids = torch.tensor([self._prompt(messages)])
         stops = {self.tokenizer.eos_token_id, *(self._ids("\n")[:1])} - {None}
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         new: list[int] = []
@@ -369,6 +374,11 @@ class FeatureLabels(Analyzer):
         features: how many features to label (the top ones by ``rank_by``).
         feature_ids: label exactly these features instead.
         rank_by: max, mean (activation) or frequency (share of tokens > 0).
+        outlier_factor: positions whose site vector (the residual / MLP-output state an SAE
+            reads, or the neuron vector) has a norm above this many times the median are
+            left out like the first position: no snippet crosses them (a Llama's residual
+            stream has a few "massive activation" tokens whose codes would otherwise top
+            every feature); null: only the first position.
         windows: calibration windows read (first ones; position 0 of each is left out).
         context_before: tokens shown before a snippet's centre token.
         context_after: tokens shown after it.
@@ -392,6 +402,7 @@ class FeatureLabels(Analyzer):
         features: int = 8,
         feature_ids: list[int] | None = None,
         rank_by: str = "max",
+        outlier_factor: float | None = 20.0,
         windows: int = 16,
         context_before: int = 10,
         context_after: int = 3,
@@ -412,6 +423,8 @@ class FeatureLabels(Analyzer):
             raise ConfigError("rank_by", f"'{rank_by}' is not one of {RANK_BY}")
         if windows < 1:
             raise ConfigError("windows", f"{windows} must be >= 1")
+        if outlier_factor is not None and not outlier_factor > 1:
+            raise ConfigError("outlier_factor", f"{outlier_factor} must be > 1 or null")
         for name, value, low in (
             ("context_before", context_before, 0),
             ("context_after", context_after, 0),
@@ -442,6 +455,7 @@ class FeatureLabels(Analyzer):
         self.features = features
         self.feature_ids = list(feature_ids) if feature_ids is not None else None
         self.rank_by = rank_by
+        self.outlier_factor = outlier_factor
         self.windows = windows
         self.context_before = context_before
         self.context_after = context_after
@@ -475,9 +489,11 @@ class FeatureLabels(Analyzer):
         return LocalExplainer(loaded.model, loaded.tokenizer, self.max_label_tokens)
 
     # -- activations --------------------------------------------------------------
-    def _activations(self, model: nn.Module, ctx: Context) -> tuple[torch.Tensor, str, int]:
-        """Feature activations [n, seq, F] over the calibration windows, the unit's name,
-        the layer."""
+    def _activations(
+        self, model: nn.Module, ctx: Context
+    ) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+        """Feature activations [n, seq, F] over the calibration windows, the norm of the
+        vector they were read from [n, seq], the unit's name, the layer."""
         windows = ctx.calibration(self.windows)
         n_layers = num_layers(model, ctx.arch)
         if self.dictionary is not None:
@@ -496,21 +512,23 @@ class FeatureLabels(Analyzer):
                     "dictionary", f"width {sae.width} != the {sae.site} width {x.shape[-1]}"
                 )
             acts = torch.cat([encode(sae, chunk) for chunk in x.split(4096)])
-            return acts.reshape(len(windows), windows.shape[1], -1), "feature", sae.layer % n_layers
+            shape = (len(windows), windows.shape[1])
+            norms = x.norm(dim=-1).reshape(shape)
+            return acts.reshape(*shape, -1), norms, "feature", sae.layer % n_layers
         if not -n_layers <= self.layer < n_layers:
             raise ConfigError("layer", f"{self.layer} does not exist (model has {n_layers} blocks)")
         layer = self.layer % n_layers
-        return neuron_values(model, ctx.arch, windows, layer), "neuron", layer
+        acts = neuron_values(model, ctx.arch, windows, layer)
+        return acts, acts.norm(dim=-1), "neuron", layer
 
-    def _select(self, acts: torch.Tensor, signs: torch.Tensor) -> list[int]:
+    def _select(self, acts: torch.Tensor, signs: torch.Tensor, keep: torch.Tensor) -> list[int]:
         width = acts.shape[-1]
         if self.feature_ids is not None:
             bad = [i for i in self.feature_ids if i >= width]
             if bad:
                 raise ConfigError("feature_ids", f"{bad} out of range (there are {width})")
             return list(self.feature_ids)
-        body = acts[:, 1:] * signs  # position 0 is the attention sink
-        flat = body.reshape(-1, width)
+        flat = acts[keep] * signs  # [kept tokens, F]
         key = {
             "max": flat.max(0).values,
             "mean": flat.mean(0),
@@ -521,9 +539,20 @@ class FeatureLabels(Analyzer):
         order = key.argsort(descending=True)[: self.features]
         return [int(i) for i in order if bool(alive[i])]
 
-    def _snippet(self, tokens: list[list[str]], acts: torch.Tensor, row: int, pos: int) -> Snippet:
-        start = max(1, pos - self.context_before)
+    def _snippet(
+        self,
+        tokens: list[list[str]],
+        acts: torch.Tensor,
+        excluded: torch.Tensor,
+        row: int,
+        pos: int,
+    ) -> Snippet:
+        """The window around ``pos``, cut short so that it holds no excluded position."""
+        start = max(0, pos - self.context_before)
         end = min(acts.shape[1], pos + self.context_after + 1)
+        blocked = excluded[row].nonzero().flatten().tolist()
+        start = max([start, *(b + 1 for b in blocked if b < pos)])
+        end = min([end, *(b for b in blocked if b > pos)])
         return Snippet(
             row=row,
             start=start,
@@ -536,17 +565,26 @@ class FeatureLabels(Analyzer):
     def analyze(self, model: nn.Module, ctx: Context) -> StageResult:
         check_supported(ctx.arch, "feature labels")
         t0 = time.perf_counter()
-        acts, unit, layer = self._activations(model, ctx)
+        acts, norms, unit, layer = self._activations(model, ctx)
         windows = ctx.calibration(self.windows)
-        n, seq, width = acts.shape
+        n, seq = acts.shape[:2]
         if seq < 2:
             raise SculptError(
                 "data.calibration.seq_len: feature labels need windows of >= 2 tokens"
             )
+        # The first position (the attention sink) and massive-activation tokens are left
+        # out: their codes are huge whatever the feature.
+        excluded = torch.zeros(n, seq, dtype=torch.bool)
+        excluded[:, 0] = True
+        if self.outlier_factor is not None:
+            median = float(norms[:, 1:].median())
+            excluded |= norms > self.outlier_factor * median
+        keep = ~excluded
+        n_outliers = int(excluded[:, 1:].sum())
         # A SwiGLU neuron is signed: read it in the direction of its largest magnitude.
-        body = acts[:, 1:].reshape(-1, width)
+        body = acts[keep]
         signs = torch.where(body.max(0).values >= -body.min(0).values, 1.0, -1.0)
-        chosen = self._select(acts, signs)
+        chosen = self._select(acts, signs, keep)
         if not chosen:
             raise SculptError("feature labels: no feature is active on the calibration text")
         tokens = [[ctx.tokenizer.decode([int(t)]) for t in row] for row in windows]
@@ -556,15 +594,18 @@ class FeatureLabels(Analyzer):
         radius = self.context_before + self.context_after
         n_top = self.explain_examples + self.score_top_examples
         records: list[FeatureRecord] = []
+        allowed = keep.nonzero()  # [positions, 2]: centres of random snippets
         t_explain = t_simulate = 0.0
         for j in ctx.track(chosen, f"labels ({unit}s of block {layer})"):
             a = acts[..., j] * signs[j]
-            peaks = top_positions(a, n_top, radius)
-            top = [self._snippet(tokens, a, r, p) for r, p in peaks]
+            peaks = top_positions(a, n_top, radius, excluded)
+            top = [self._snippet(tokens, a, excluded, r, p) for r, p in peaks]
             explain, held = _split(top, self.explain_examples, self.score_top_examples)
-            rows = torch.randint(0, n, (self.score_random_examples,), generator=gen)
-            cols = torch.randint(1, seq, (self.score_random_examples,), generator=gen)
-            random = [self._snippet(tokens, a, int(r), int(c)) for r, c in zip(rows, cols)]
+            picks = torch.randint(0, len(allowed), (self.score_random_examples,), generator=gen)
+            random = [
+                self._snippet(tokens, a, excluded, int(allowed[i, 0]), int(allowed[i, 1]))
+                for i in picks
+            ]
             t = time.perf_counter()
             label = clean_label(explainer.explain(label_messages(explain, unit)))
             t_explain += time.perf_counter() - t
@@ -575,7 +616,7 @@ class FeatureLabels(Analyzer):
             flat_sim = [v for sim in simulated for v in sim]
             flat_true = [v for tr in true for v in tr]
             k = sum(len(s.tokens) for s in held)
-            flat_a = a[:, 1:].flatten()
+            flat_a = a[keep]
             records.append(
                 FeatureRecord(
                     feature=j,
@@ -594,7 +635,9 @@ class FeatureLabels(Analyzer):
                     ],
                 )
             )
-        return self._result(ctx, records, unit, layer, t_collect, t_explain, t_simulate)
+        result = self._result(ctx, records, unit, layer, t_collect, t_explain, t_simulate)
+        result.metrics["outlier_positions"] = float(n_outliers)
+        return result
 
     def _result(
         self,
