@@ -401,6 +401,8 @@ def _run(
             loaded.tokenizer.save_pretrained(staging)
         records[-1].metrics["model_dir_bytes"] = float(folder_bytes(out / "model"))
         log.info("saved model/ in %.1f s", m_save.seconds)
+    if (cfg.get("export") or {}).get("compressed_tensors", False):
+        _export_compressed_tensors(model, loaded, specs, records[1:], out / "export")
 
     flat: dict[str, float] = {}
     for r in records:
@@ -440,6 +442,30 @@ def _run(
     if checkpoints is not None:
         checkpoints.clear()
     return result
+
+
+def _export_compressed_tensors(
+    model: nn.Module,
+    loaded: LoadedModel,
+    specs: list[StageSpec],
+    stage_records: list[StageRecord],
+    folder: Path,
+) -> None:
+    """export.compressed_tensors: the final model as a compressed-tensors folder built from
+    the stages' containers (docs/export.md); its size and check go to the last record."""
+    from framework.export import export_compressed_tensors
+
+    containers = [
+        (spec.key, Path(record.artifacts["compressed"]))
+        for spec, record in zip(specs, stage_records, strict=True)
+        if "compressed" in record.artifacts
+    ]
+    with measure() as m_export:
+        metrics = export_compressed_tensors(
+            model, loaded.tokenizer, containers, folder / "compressed_tensors"
+        )
+    stage_records[-1].metrics.update(metrics, export_ct_seconds=m_export.seconds)
+    log.info("exported export/compressed_tensors/ in %.1f s", m_export.seconds)
 
 
 def _run_identity(cfg: DictConfig) -> tuple[str, str | None, list[str]]:
