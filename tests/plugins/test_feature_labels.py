@@ -55,6 +55,9 @@ def test_top_positions_skip_the_sink_and_do_not_overlap() -> None:
     acts[0, 5], acts[0, 6], acts[1, 10] = 9.0, 8.0, 7.0
     assert top_positions(acts, 2, radius=3) == [(0, 5), (1, 10)]
     assert top_positions(acts, 3, radius=0)[:3] == [(0, 5), (0, 6), (1, 10)]
+    excluded = torch.zeros(2, 20, dtype=torch.bool)
+    excluded[0, 5] = True  # e.g. a massive-activation token
+    assert top_positions(acts, 2, radius=0, excluded=excluded) == [(0, 6), (1, 10)]
 
 
 def test_snippets_carry_the_true_activations(tiny, ctx) -> None:
