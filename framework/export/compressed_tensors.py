@@ -301,3 +301,50 @@ def export_compressed_tensors(
         "export_ct_coded_weights": float(n_weights),
         "export_ct_max_abs_weight_diff": max_diff,
     }
+
+
+def compare_load_back(
+    run_dir: str | Path, windows: int = 4, seq_len: int = 512
+) -> dict[str, float]:
+    """Load `<run>/model` (the run's dequantized model) and `<run>/export/compressed_tensors`
+    with transformers (the latter with `dequantize=True`, the route that loads every
+    scheme on CPU) and compare their logits on KJV windows: max |difference|, KL, top-1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+
+    from framework.data import WindowSpec, make_windows, tokenize
+    from framework.data.sources import kjv
+
+    run_dir = Path(run_dir)
+    folder = run_dir / "export" / "compressed_tensors"
+    ours = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
+    ct = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokens = make_windows(
+        tokenize(tokenizer, kjv()[: 40 * windows * seq_len]),
+        WindowSpec(source="", windows=windows, seq_len=seq_len, sampling="sequential"),
+        "data.evaluation",
+    )
+    max_diff, kl, agree = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for row in tokens:
+            a = ours(row[None]).logits.float()
+            b = ct(row[None]).logits.float()
+            max_diff = max(max_diff, float((a - b).abs().max()))
+            la, lb = a.log_softmax(-1), b.log_softmax(-1)
+            kl += float((la.exp() * (la - lb)).sum(-1).mean()) / len(tokens)
+            agree += float((a.argmax(-1) == b.argmax(-1)).float().mean()) / len(tokens)
+    return {
+        "max_abs_logit_diff": max_diff,
+        "kl": kl,
+        "top1_agreement": agree,
+        "export_bytes": float(folder_bytes(folder)),
+        "model_bytes": float(folder_bytes(run_dir / "model")),
+    }
+
+
+if __name__ == "__main__":  # python -m framework.export.compressed_tensors RUN_DIR
+    import sys
+
+    print(json.dumps(compare_load_back(sys.argv[1]), indent=1))

@@ -86,6 +86,28 @@ def test_export_reloads_in_transformers_to_the_same_logits(
         torch.testing.assert_close(_logits(compressed), reference, atol=ATOL, rtol=0)
 
 
+def test_gptq_act_order_exports_without_g_idx(tmp_path: Path, make_ctx) -> None:
+    """sculpt's act_order keeps groups contiguous in the original column order (static
+    groups), so the export needs no g_idx and reloads exactly."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from plugins.compressors.gptq import GPTQ
+
+    loaded = build_tiny_llama(intermediate=128)
+    loaded.model.eval()
+    ctx = make_ctx(loaded, tmp_path)
+    gptq = GPTQ(bits=4, group_size=32, symmetric=True, act_order=True, batch_size=4)
+    container = Path(gptq.compress(loaded.model, ctx).artifacts["compressed"])
+    folder = tmp_path / "ct"
+    export_compressed_tensors(loaded.model, loaded.tokenizer, [("compressor", container)], folder)
+    weights = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert weights["config_groups"]["group_0"]["weights"].get("actorder") is None
+    back = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    torch.testing.assert_close(_logits(back), _logits(loaded.model), atol=ATOL, rtol=0)
+
+
 def test_packed_tensors_match_compressed_tensors_own_compressor(tmp_path: Path) -> None:
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
