@@ -24,6 +24,7 @@ from framework.eval import evaluate_causal_lm, evaluate_encoder, measure
 from framework.eval.metrics import ReferenceCache
 from framework.eval.topology import TopologyEvaluator, TopologySpec
 from framework.eval.validators import check_limits_config, check_stage, edit_metrics
+from framework.export import check_export_config, export_compressed_tensors
 from framework.io import atomic_dir, atomic_write_json, atomic_write_text, folder_bytes
 from framework.models import LoadedModel
 from framework.plugins import Context, Stage, StageResult, flat_metrics
@@ -111,6 +112,7 @@ def validate(cfg: DictConfig, skip_unused: bool = False) -> list[Stage]:
     TopologySpec.from_config(cfg.eval.get("topology") if cfg.get("eval") else None)
     trains = any(stage.needs_gradients for stage in stages)
     check_config(cfg, skip=("trainer",) if skip_unused and not trains else ())
+    check_export_config(cfg.get("export"))
     return stages
 
 
@@ -401,7 +403,7 @@ def _run(
             loaded.tokenizer.save_pretrained(staging)
         records[-1].metrics["model_dir_bytes"] = float(folder_bytes(out / "model"))
         log.info("saved model/ in %.1f s", m_save.seconds)
-    if (cfg.get("export") or {}).get("compressed_tensors", False):
+    if check_export_config(cfg.get("export")):
         _export_compressed_tensors(model, loaded, specs, records[1:], out / "export")
 
     flat: dict[str, float] = {}
@@ -453,8 +455,6 @@ def _export_compressed_tensors(
 ) -> None:
     """export.compressed_tensors: the final model as a compressed-tensors folder built from
     the stages' containers (docs/export.md); its size and check go to the last record."""
-    from framework.export import export_compressed_tensors
-
     containers = [
         (spec.key, Path(record.artifacts["compressed"]))
         for spec, record in zip(specs, stage_records, strict=True)

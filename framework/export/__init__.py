@@ -3,8 +3,15 @@
 from framework.export.compressed_tensors import (
     CT_BITS,
     CodedLinear,
+    check_export_config,
     coded_linears,
     export_compressed_tensors,
 )
 
-__all__ = ["CT_BITS", "CodedLinear", "coded_linears", "export_compressed_tensors"]
+__all__ = [
+    "CT_BITS",
+    "CodedLinear",
+    "check_export_config",
+    "coded_linears",
+    "export_compressed_tensors",
+]

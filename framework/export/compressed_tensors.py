@@ -27,6 +27,7 @@ published: a layer that does not decompress to the run's weight fails the export
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Iterable
@@ -63,6 +64,29 @@ class CodedLinear:
 
     def dequantized(self) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero, self.grid)
+
+
+def check_export_config(node: Any) -> bool:
+    """The run's `export` node, checked before anything loads: known keys only (a typo must
+    not silently skip the export), booleans, and the library installed when asked for.
+    -> whether the compressed-tensors export is on."""
+    if node is None:
+        return False
+    if not hasattr(node, "items"):
+        raise SculptError(
+            f"export: expected a mapping like {{compressed_tensors: true}}, got {node!r}"
+        )
+    for key, value in node.items():
+        if key != "compressed_tensors":
+            raise SculptError(f"export.{key}: unknown export (known: compressed_tensors)")
+        if not isinstance(value, bool):
+            raise SculptError(f"{SWITCH}: expected true or false, got {value!r}")
+    on = bool(node.get("compressed_tensors", False))
+    if on and importlib.util.find_spec("compressed_tensors") is None:
+        raise SculptError(
+            f"{SWITCH}: needs the compressed-tensors package (pip install -e '.[export]')"
+        )
+    return on
 
 
 def coded_linears(containers: Iterable[tuple[str, Path]]) -> dict[str, CodedLinear]:
@@ -304,11 +328,14 @@ def export_compressed_tensors(
 
 
 def compare_load_back(
-    run_dir: str | Path, windows: int = 4, seq_len: int = 512
+    run_dir: str | Path, windows: int = 4, seq_len: int = 512, dequantize: bool = True
 ) -> dict[str, float]:
     """Load `<run>/model` (the run's dequantized model) and `<run>/export/compressed_tensors`
-    with transformers (the latter with `dequantize=True`, the route that loads every
-    scheme on CPU) and compare their logits on KJV windows: max |difference|, KL, top-1."""
+    with transformers and compare their logits on KJV windows: max |difference|, KL, top-1.
+
+    dequantize=True decompresses at load (loads every scheme on CPU); False takes
+    transformers' default route (compressed modules, decompressed on the first forward),
+    which fails for asymmetric folders with compressed-tensors 0.20.1 (docs/export.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
     from framework.data import WindowSpec, make_windows, tokenize
@@ -317,9 +344,8 @@ def compare_load_back(
     run_dir = Path(run_dir)
     folder = run_dir / "export" / "compressed_tensors"
     ours = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
-    ct = AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=CompressedTensorsConfig(dequantize=True)
-    ).eval()
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    ct = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokens = make_windows(
         tokenize(tokenizer, kjv()[: 40 * windows * seq_len]),
@@ -344,7 +370,8 @@ def compare_load_back(
     }
 
 
-if __name__ == "__main__":  # python -m framework.export.compressed_tensors RUN_DIR
+if __name__ == "__main__":  # python -m framework.export.compressed_tensors RUN_DIR [--compressed]
     import sys
 
-    print(json.dumps(compare_load_back(sys.argv[1]), indent=1))
+    route = "--compressed" not in sys.argv[2:]
+    print(json.dumps(compare_load_back(sys.argv[1], dequantize=route), indent=1))

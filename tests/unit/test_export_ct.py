@@ -17,7 +17,7 @@ from framework.errors import SculptError
 from framework.export import coded_linears, export_compressed_tensors
 from framework.models import LoadedModel, build_tiny_llama
 from framework.plugins import Context
-from framework.run import run
+from framework.run import run, validate
 from plugins.compressors.rtn import RTN
 
 pytest.importorskip("compressed_tensors")
@@ -218,3 +218,18 @@ def test_a_run_with_a_scheme_that_does_not_fit_fails_naming_the_key(compose_cfg)
     )
     with pytest.raises(SculptError, match=r"^compressor\.bits: 3-bit codes do not export"):
         run(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+export.compressed_tensor=true", r"^export\.compressed_tensor: unknown export"),
+        ("+export.compressed_tensors=yes", r"^export\.compressed_tensors: expected true or false"),
+    ],
+)
+def test_the_export_switch_is_checked_before_the_run(
+    compose_cfg, override: str, message: str
+) -> None:
+    cfg = compose_cfg(["model=tiny_llama", "debug=default", override])
+    with pytest.raises(SculptError, match=message):
+        validate(cfg)
