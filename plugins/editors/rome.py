@@ -677,6 +677,8 @@ class Rome(Editor):
                     "p_true_after": round(float(a["rewrite"][0, 0].exp()), 4),
                     "p_new_after": round(float(a["rewrite"][0, 1].exp()), 4),
                     "efficacy": int(a["rewrite"][0, 1] > a["rewrite"][0, 0]),
+                    # right after its own update, before the later requests' updates
+                    "own_success": int(p["own_success"]),
                     "paraphrase": _frac(a["paraphrase"], new_wins=True),
                     "neighborhood": _frac(a["neighborhood"], new_wins=False),
                     "neighborhood_before": _frac(b["neighborhood"], new_wins=False),
