@@ -108,6 +108,27 @@ def test_gptq_act_order_exports_without_g_idx(tmp_path: Path, make_ctx) -> None:
     torch.testing.assert_close(_logits(back), _logits(loaded.model), atol=ATOL, rtol=0)
 
 
+def test_rotate_quant_exports_its_raw_tensors_dense(tmp_path: Path) -> None:
+    """rotate_quant's container also holds raw tensors (rotated embedding, untied head,
+    folded norms): they go to the folder dense, from the model."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from plugins.compressors.rotate_quant import RotateQuant
+
+    loaded = build_tiny_llama(intermediate=128)
+    loaded.model.eval()
+    ctx = Context(tokenizer=loaded.tokenizer, arch=loaded.arch, output_dir=tmp_path, seed=0)
+    result = RotateQuant(bits=4, group_size=32).compress(loaded.model, ctx)
+    folder = tmp_path / "ct"
+    export_compressed_tensors(
+        loaded.model, loaded.tokenizer, [("compressor", result.artifacts["compressed"])], folder
+    )
+    back = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    torch.testing.assert_close(_logits(back), _logits(loaded.model), atol=ATOL, rtol=0)
+
+
 def test_packed_tensors_match_compressed_tensors_own_compressor(tmp_path: Path) -> None:
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
