@@ -214,7 +214,7 @@ def test_a_run_writes_the_export_folder(compose_cfg) -> None:
             "compressor.bits=4",
             "compressor.group_size=16",
             "save_model=false",
-            "+export.compressed_tensors=true",
+            "export.compressed_tensors=true",
         ]
     )
     result = run(cfg)
@@ -234,7 +234,7 @@ def test_a_run_with_a_scheme_that_does_not_fit_fails_naming_the_key(compose_cfg)
             "stages=[compressor]",
             "compressor.bits=3",
             "save_model=false",
-            "+export.compressed_tensors=true",
+            "export.compressed_tensors=true",
         ]
     )
     with pytest.raises(SculptError, match=r"^compressor\.bits: 3-bit codes do not export"):
@@ -245,7 +245,7 @@ def test_a_run_with_a_scheme_that_does_not_fit_fails_naming_the_key(compose_cfg)
     ("override", "message"),
     [
         ("+export.compressed_tensor=true", r"^export\.compressed_tensor: unknown export"),
-        ("+export.compressed_tensors=yes", r"^export\.compressed_tensors: expected true or false"),
+        ("export.compressed_tensors=yes", r"^export\.compressed_tensors: expected true or false"),
     ],
 )
 def test_the_export_switch_is_checked_before_the_run(
