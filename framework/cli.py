@@ -81,6 +81,9 @@ def preflight(argv: list[str]) -> None:
                 cfg = compose(config_name="config", overrides=list(combo))
             except Exception as exc:
                 raise SculptError(f"config: {one_line(exc)}") from exc
+            # ${hydra:runtime.output_dir} exists only inside a Hydra job: a plugin argument
+            # that interpolates the run folder gets a stand-in (constructors store paths).
+            cfg.paths.output_dir = "/nonexistent/sculpt-preflight"
             validate(cfg, skip_unused=True)
 
 
