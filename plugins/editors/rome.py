@@ -20,10 +20,19 @@ For each request:
    down_proj inputs on calibration windows):
    W' = W + (v* - W k*) (C^-1 k*)^T / (k*^T C^-1 k*).
 
-Several requests are applied one after another (each on the model the previous ones left;
-C does not change, since the edited projection is the one whose inputs it measures), as
-in ROME's sequential setting, not MEMIT's joint update. Every update is rank one and lies
-in the one chosen ``down_proj``.
+``mode: sequential``: several requests are applied one after another (each on the model
+the previous ones left; C does not change, since the edited projection is the one whose
+inputs it measures), as in ROME's sequential setting. Every update is rank one and lies in
+the one chosen ``down_proj``. Later updates can undo earlier ones whose keys are close
+(two car makers swapping countries).
+
+``mode: joint`` (default): every k*_i and v*_i is computed on the unedited model and one
+update satisfies all of them at once, the equality-constrained form of the same least
+squares (the single-layer relative of MEMIT's batch update, Meng et al., 2023):
+minimise ||Delta C^{1/2}|| subject to (W + Delta) K = V, solved by
+Delta = R (K^T C^-1 K)^-1 (C^-1 K)^T with R = V - W K, a rank-n update for n requests
+(a ridge of ``joint_ridge`` x mean diagonal keeps K^T C^-1 K invertible when two keys
+nearly coincide).
 
 Scoring follows CounterFact (Meng et al., 2022, Section 4.2): an object's score is the
 summed log-probability of its tokens after the prompt (multi-token objects are allowed;
@@ -257,6 +266,9 @@ class Rome(Editor):
         clamp_norm: ||delta|| is clamped to this times ||W k*|| after each step (ROME: 4).
         early_stop_nll: stop optimising once the new object's mean NLL is below this.
         batch_size: sequences per forward pass when scoring prompts.
+        mode: ``joint`` (one update for all requests, computed on the unedited model) or
+            ``sequential`` (one rank-one update per request, in file order).
+        joint_ridge: relative ridge on K^T C^-1 K in the joint solve.
         min_efficacy: fail the run when the efficacy score after the edits is below this;
             null: report only. Likewise min_paraphrase and min_specificity (the
             neighbourhood score).
@@ -281,6 +293,8 @@ class Rome(Editor):
         clamp_norm: float = 4.0,
         early_stop_nll: float = 0.05,
         batch_size: int = 32,
+        mode: str = "joint",
+        joint_ridge: float = 1e-4,
         min_efficacy: float | None = None,
         min_paraphrase: float | None = None,
         min_specificity: float | None = None,
@@ -311,6 +325,10 @@ class Rome(Editor):
             raise ConfigError("early_stop_nll", f"{early_stop_nll} must be >= 0")
         if batch_size < 1:
             raise ConfigError("batch_size", f"{batch_size} must be >= 1")
+        if mode not in ("joint", "sequential"):
+            raise ConfigError("mode", f"'{mode}' is not one of joint, sequential")
+        if joint_ridge < 0:
+            raise ConfigError("joint_ridge", f"{joint_ridge} must be >= 0")
         for name, value in (
             ("min_efficacy", min_efficacy),
             ("min_paraphrase", min_paraphrase),
@@ -333,6 +351,8 @@ class Rome(Editor):
         self.clamp_norm = clamp_norm
         self.early_stop_nll = early_stop_nll
         self.batch_size = batch_size
+        self.mode = mode
+        self.joint_ridge = joint_ridge
         self.min_efficacy = min_efficacy
         self.min_paraphrase = min_paraphrase
         self.min_specificity = min_specificity
@@ -615,7 +635,10 @@ class Rome(Editor):
         prefixes = self._sample_prefixes(model, ctx)
 
         per_request: list[dict[str, float]] = []
-        lefts, rights = [], []
+        lefts: list[torch.Tensor] = []
+        rights: list[torch.Tensor] = []
+        keys: list[torch.Tensor] = []
+        residuals: list[torch.Tensor] = []
         for req in ctx.track(requests, "ROME edits", total=len(requests)):
             contexts = self._contexts(req, prefixes)
             k = self._key(model, ctx, layer, contexts, req.subject)
@@ -623,6 +646,17 @@ class Rome(Editor):
             v0 = w @ k
             scale = float(v0.norm()) or 1.0
             delta, nll, taken = self._optimise_delta(model, ctx, layer, req, contexts, scale)
+            per_request.append(
+                {
+                    "delta_norm_rel": float(delta.norm()) / scale,
+                    "final_nll": nll,
+                    "steps": float(taken),
+                }
+            )
+            if self.mode == "joint":
+                keys.append(k)
+                residuals.append(delta)  # v* - W k*, against the unedited W
+                continue
             # v* = W k* + delta, so v* - W k* = delta; u = C^-1 k* spreads it over keys
             # in proportion to their C-weighted alignment with k*.
             u = torch.linalg.solve(c, k)
@@ -636,20 +670,28 @@ class Rome(Editor):
             own = object_logprobs(
                 model, ctx.arch, tok, [(req.text, req.target_true), (req.text, req.target_new)]
             )
-            per_request.append(
-                {
-                    "delta_norm_rel": float(delta.norm()) / scale,
-                    "final_nll": nll,
-                    "steps": float(taken),
-                    "own_success": float(own[1] > own[0]),
-                }
-            )
+            per_request[-1]["own_success"] = float(own[1] > own[0])
+        if self.mode == "joint":
+            key_matrix = torch.stack(keys, dim=1).to(c.dtype)  # [d_in, n]
+            u_matrix = torch.linalg.solve(c, key_matrix)  # C^-1 K
+            gram = key_matrix.T @ u_matrix  # K^T C^-1 K, [n, n]
+            ridge = self.joint_ridge * float(gram.diagonal().mean())
+            gram = gram + ridge * torch.eye(len(keys), dtype=gram.dtype)
+            left = torch.linalg.solve(gram, torch.stack(residuals, dim=1).to(c.dtype).T).T  # R G^-1
+            with torch.no_grad():
+                proj.weight += (left @ u_matrix.T).to(proj.weight.dtype)
+            lefts.extend(left.T.float())
+            rights.extend(u_matrix.T.float())
         after = self._score(model, ctx.arch, tok, requests)
         model.train(was_training)
+        if self.mode == "joint":  # one update for all: "right after its own" is the end
+            for r, a in zip(per_request, after, strict=True):
+                r["own_success"] = float(a["rewrite"][0, 1] > a["rewrite"][0, 0])
 
         change = (proj.weight.detach() - w_before).double()
         metrics: dict[str, float] = {
             "layer": float(layer),
+            "joint": float(self.mode == "joint"),
             "requests": float(len(requests)),
             "contexts": float(len(prefixes) + 1),
             **self._summary(before, "_before"),

@@ -86,12 +86,39 @@ def test_requests_apply_one_after_another(tiny, ctx, tmp_path) -> None:
     (tmp_path / "req.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(other) + "\n")
     model = tiny.model.eval()
     w = model.model.layers[0].mlp.down_proj.weight.detach().clone()
-    result = Rome(data=str(tmp_path / "req.jsonl"), layer=0, **UNBOUNDED).edit(model, ctx)
+    result = Rome(data=str(tmp_path / "req.jsonl"), layer=0, mode="sequential", **UNBOUNDED).edit(
+        model, ctx
+    )
     assert result.metrics["requests"] == 2.0
     diff = (model.model.layers[0].mlp.down_proj.weight - w).double()
     s = torch.linalg.svdvals(diff)
     assert float(s[2] / s[0]) < 1e-5 < float(s[1] / s[0])  # two rank-one updates
     assert load_file(result.artifacts["updates"])["left"].shape[0] == 2
+
+
+def test_joint_update_meets_every_request_at_once(tiny, ctx, tmp_path) -> None:
+    """Two requests with opposite new objects for similar subjects: the joint update maps
+    each key to its own value, so neither undoes the other."""
+    row = write_request(tiny, tmp_path / "req.jsonl")
+    text = PROMPT.format("Carol White")
+    lp = object_logprobs(tiny.model, tiny.arch, tiny.tokenizer, [(text, c) for c in CANDIDATES])
+    true, new = CANDIDATES if lp[0] > lp[1] else CANDIDATES[::-1]
+    other = {**row, "subject": "Carol White", "target_true": true, "target_new": new}
+    other["paraphrase_prompts"] = []
+    (tmp_path / "req.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(other) + "\n")
+    model = tiny.model.eval()
+    w = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    result = Rome(data=str(tmp_path / "req.jsonl"), layer=0, mode="joint", **UNBOUNDED).edit(
+        model, ctx
+    )
+    assert result.metrics["joint"] == 1.0
+    assert result.metrics["efficacy"] == 1.0  # both requests hold after the one update
+    diff = (model.model.layers[0].mlp.down_proj.weight - w).double()
+    s = torch.linalg.svdvals(diff)
+    assert float(s[2] / s[0]) < 1e-5 < float(s[1] / s[0])  # one rank-two update
+    factors = load_file(result.artifacts["updates"])
+    rebuilt = factors["left"].double().T @ factors["right"].double()
+    torch.testing.assert_close(rebuilt, diff, rtol=1e-4, atol=1e-6)
 
 
 def test_last_subject_token(tiny) -> None:
@@ -108,6 +135,8 @@ def test_bad_arguments(tiny, ctx, tmp_path) -> None:
         Rome(min_efficacy=1.5)
     with pytest.raises(ConfigError, match=r"^kl_prompt"):
         Rome(kl_prompt="is a")
+    with pytest.raises(ConfigError, match=r"^mode"):
+        Rome(mode="batch")
     with pytest.raises(ConfigError, match=r"^layer"):
         Rome(layer=7).edit(tiny.model, ctx)
     bad = tmp_path / "bad.jsonl"
