@@ -43,6 +43,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from framework.calibration import (
+    BlockInputs,
+    StopForward,
+    capture_block_inputs,
+    first_output,
+)
 from framework.codecs.uniform import UniformGrid, dequantize, encode, fit_params, quantize_codes
 from framework.errors import ConfigError, SculptError
 from framework.models import block_linears, blocks
@@ -255,70 +261,13 @@ def relative_output_errors(
 # ----------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early (everything needed was seen)."""
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-@dataclass
-class _BlockInputs:
-    hidden: torch.Tensor  # [windows, seq, hidden], overwritten in place by each block's outputs
-    calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]]  # per chunk: rows, args, kwargs
-
-
-def _capture_block_inputs(
-    model: nn.Module,
-    first_block: nn.Module,
-    windows: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-) -> _BlockInputs:
-    """Run the model up to its first block on each chunk of windows and keep what the
-    block receives (hidden states, other positional args, keyword args)."""
-    seen: dict[str, Any] = {}
-
-    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        if args:
-            x, rest = args[0], tuple(args[1:])
-        else:
-            x, rest = kwargs.pop("hidden_states"), ()
-        seen.update(x=x.detach(), args=rest, kwargs=kwargs)
-        raise _Stop
-
-    hidden: torch.Tensor | None = None
-    calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]] = []
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            rows = slice(start, min(start + batch_size, windows.shape[0]))
-            try:
-                model(input_ids=windows[rows].to(device), use_cache=False)
-            except _Stop:
-                pass
-            else:
-                raise SculptError("gptq: the model's forward never reached its first block")
-            x = seen["x"]
-            if hidden is None:
-                hidden = torch.empty((windows.shape[0], *x.shape[1:]), dtype=x.dtype, device=device)
-            hidden[rows] = x
-            calls.append((rows, seen["args"], seen["kwargs"]))
-    finally:
-        handle.remove()
-    assert hidden is not None
-    return _BlockInputs(hidden=hidden, calls=calls)
-
-
-def _run_block(block: nn.Module, inputs: _BlockInputs, write: bool) -> None:
+def _run_block(block: nn.Module, inputs: BlockInputs, write: bool) -> None:
     """Run every chunk through the block; with write, its outputs replace its inputs. A
-    hook may end a chunk's pass early by raising _Stop."""
+    hook may end a chunk's pass early by raising StopForward."""
     for rows, args, kwargs in inputs.calls:
         try:
-            out = _first(block(inputs.hidden[rows], *args, **kwargs))
-        except _Stop:
+            out = first_output(block(inputs.hidden[rows], *args, **kwargs))
+        except StopForward:
             continue
         if write:
             inputs.hidden[rows] = out
@@ -343,7 +292,7 @@ def _gram(flat: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def _accumulate_hessians(
     block: nn.Module,
     layers: dict[str, nn.Linear],
-    inputs: _BlockInputs,
+    inputs: BlockInputs,
     outputs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """H = 2 X^T X / tokens for each layer, from one pass of the block over the inputs.
@@ -372,7 +321,7 @@ def _accumulate_hessians(
             tokens[name] += x.numel() // x.shape[-1]
             pending.discard(name)
             if not pending and outputs is None:
-                raise _Stop
+                raise StopForward
 
         return hook
 
@@ -381,8 +330,8 @@ def _accumulate_hessians(
         for rows, args, kwargs in inputs.calls:
             pending.update(layers)
             chunk_products.clear()
-            with suppress(_Stop):
-                out = _first(block(inputs.hidden[rows], *args, **kwargs))
+            with suppress(StopForward):
+                out = first_output(block(inputs.hidden[rows], *args, **kwargs))
                 chunk_products.clear()
                 if outputs is not None:
                     outputs[rows] = out
@@ -501,7 +450,7 @@ class GPTQ(Compressor):
         encoded = {}
         rows_out: list[dict[str, Any]] = []
         try:
-            inputs = _capture_block_inputs(model, block_list[0], windows, self.batch_size, device)
+            inputs = capture_block_inputs(model, block_list[0], windows, self.batch_size, device)
             groups = sequential_groups(arch, self.true_sequential)
             for block in ctx.track(list(block_list), description="gptq blocks"):
                 outputs = None

@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from framework import topology as topo
+from framework.calibration import capture_block_inputs, first_output
 from framework.codecs import write_container
 from framework.codecs.raw import encode_raw
 from framework.errors import ConfigError, SculptError
@@ -76,7 +77,6 @@ from framework.io import atomic_write_json
 from framework.models import block_linears, blocks
 from framework.models.arch import ArchMap
 from framework.plugins import Compressor, Context, StageResult
-from plugins.compressors.gptq import _capture_block_inputs, _first
 
 log = logging.getLogger("sculpt")
 
@@ -248,7 +248,7 @@ def probe_sensitivity(
     n = len(layers)
     observed = sorted({*range(0, n, observe_stride), n - 1})
     device = next(model.parameters()).device
-    inputs = _capture_block_inputs(model, layers[0], windows, windows.shape[0], device)
+    inputs = capture_block_inputs(model, layers[0], windows, windows.shape[0], device)
     index = topo.sample_tokens(
         windows.shape[0], windows.shape[1], points, torch.Generator().manual_seed(seed)
     )
@@ -265,7 +265,7 @@ def probe_sensitivity(
         clouds: dict[int, np.ndarray] = {}
         h = block_in[start]
         for i in range(start, n):
-            h = _first(layers[i](h, *call_args, **call_kwargs))
+            h = first_output(layers[i](h, *call_args, **call_kwargs))
             if i in observed:
                 clouds[i] = cloud(h)
         if head is not None:
@@ -279,7 +279,7 @@ def probe_sensitivity(
     h = inputs.hidden
     for layer in layers:
         block_in.append(h)
-        h = _first(layer(h, *call_args, **call_kwargs))
+        h = first_output(layer(h, *call_args, **call_kwargs))
     del inputs
     ref_clouds, ref_out = run_from(0)
 

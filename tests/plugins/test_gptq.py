@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from framework.calibration import capture_block_inputs
 from framework.codecs import read_container, read_manifest
 from framework.codecs.uniform import UniformGrid, encode, fit_params
 from framework.data import WindowSpec, make_windows, tokenize
@@ -21,7 +22,6 @@ from framework.plugins import Context
 from plugins.compressors.gptq import (
     GPTQ,
     _accumulate_hessians,
-    _capture_block_inputs,
     _gram,
     column_blocks,
     gptq_quantize,
@@ -236,7 +236,7 @@ def test_hessians_of_the_first_block_match_a_direct_computation(tiny, calibratio
     for handle in handles:
         handle.remove()
     with torch.no_grad():
-        inputs = _capture_block_inputs(tiny.model, block, windows, 3, torch.device("cpu"))
+        inputs = capture_block_inputs(tiny.model, block, windows, 3, torch.device("cpu"))
         hessians = _accumulate_hessians(block, layers, inputs)
     for rel, h in hessians.items():
         x = torch.cat(seen[rel]).double()
