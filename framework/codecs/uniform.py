@@ -116,15 +116,18 @@ def encode(
     return enc, dequantize(codes, scale, zero, grid)
 
 
-def decode(enc: EncodedTensor) -> torch.Tensor:
-    rows, cols = enc.shape
-    grid = UniformGrid(
+def grid_of(enc: EncodedTensor) -> UniformGrid:
+    """The grid a uniform-codec tensor (or its entropy-coded variant) was written with."""
+    return UniformGrid(
         int(enc.params["bits"]), enc.params["group_size"], bool(enc.params["symmetric"])
     )
+
+
+def group_params(enc: EncodedTensor, grid: UniformGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per [row, group] from a tensor's ``scales`` / ``zeros`` sections; a
+    symmetric grid's zero is the middle code."""
+    rows, cols = enc.shape
     n_groups = grid.groups(cols)
-    codes = torch.from_numpy(
-        unpack_bits(enc.sections["codes"], grid.bits, rows * cols).astype(np.int64)
-    )
     scales_raw = enc.sections["scales"]
     if len(scales_raw) != rows * n_groups * 2:
         raise ValueError(
@@ -141,6 +144,16 @@ def decode(enc: EncodedTensor) -> torch.Tensor:
         zero = torch.from_numpy(
             unpack_bits(enc.sections["zeros"], grid.bits, rows * n_groups).astype(np.float32)
         ).view(rows, n_groups)
+    return scale, zero
+
+
+def decode(enc: EncodedTensor) -> torch.Tensor:
+    rows, cols = enc.shape
+    grid = grid_of(enc)
+    codes = torch.from_numpy(
+        unpack_bits(enc.sections["codes"], grid.bits, rows * cols).astype(np.int64)
+    )
+    scale, zero = group_params(enc, grid)
     return dequantize(codes.view(rows, cols), scale, zero, grid)
 
 

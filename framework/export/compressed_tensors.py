@@ -43,7 +43,7 @@ from framework.codecs.container import PAYLOAD, _entry_to_encoded, read_containe
 from framework.codecs.entropy import UNIFORM_ANS_CODEC, ans_decode
 from framework.codecs.packing import unpack_bits
 from framework.codecs.uniform import CODEC as UNIFORM_CODEC
-from framework.codecs.uniform import UniformGrid, dequantize
+from framework.codecs.uniform import UniformGrid, dequantize, grid_of, group_params
 from framework.errors import SculptError
 from framework.io import atomic_dir, folder_bytes
 
@@ -116,9 +116,7 @@ def coded_linears(containers: Iterable[tuple[str, Path]]) -> dict[str, CodedLine
 
 def _coded(key: str, enc: Any) -> CodedLinear:
     rows, cols = enc.shape
-    grid = UniformGrid(
-        int(enc.params["bits"]), enc.params["group_size"], bool(enc.params["symmetric"])
-    )
+    grid = grid_of(enc)
     if enc.codec == UNIFORM_ANS_CODEC:
         raw = ans_decode(
             int(enc.params["symbol_offset"]),
@@ -129,18 +127,7 @@ def _coded(key: str, enc: Any) -> CodedLinear:
     else:
         raw = unpack_bits(enc.sections["codes"], grid.bits, rows * cols)
     codes = torch.from_numpy(raw.astype(np.int64)).view(rows, cols)
-    n_groups = grid.groups(cols)
-    scale = (
-        torch.from_numpy(np.frombuffer(enc.sections["scales"], dtype=np.float16).copy())
-        .float()
-        .view(rows, n_groups)
-    )
-    if grid.symmetric:
-        zero = torch.full((rows, n_groups), float(1 << (grid.bits - 1)))
-    else:
-        zero = torch.from_numpy(
-            unpack_bits(enc.sections["zeros"], grid.bits, rows * n_groups).astype(np.float32)
-        ).view(rows, n_groups)
+    scale, zero = group_params(enc, grid)
     return CodedLinear(key=key, grid=grid, codes=codes, scale=scale, zero=zero)
 
 
