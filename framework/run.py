@@ -355,16 +355,8 @@ def _run(
                 keep=edits_follow(index + 1),
             )
             if plugin.kind == "editor":
-                if unedited_cache is None:  # nothing changed the weights before this edit
-                    for ours, theirs in (
-                        ("kl", "kl_to_previous"),
-                        ("top1_agreement", "top1_to_previous"),
-                    ):
-                        if ours in record.eval:
-                            record.eval[theirs] = record.eval[ours]
-                record.eval.update(edit_metrics(record.eval, last_eval))
-                record.eval.pop("kl_to_previous", None)  # reported as kl_to_unedited
-                record.eval.pop("top1_to_previous", None)
+                # unedited_cache None: nothing changed the weights before this edit
+                record.eval = edit_metrics(record.eval, last_eval, unedited_cache is None)
             unedited_cache = cache
             if topology is not None:
                 with measure() as m_topo:

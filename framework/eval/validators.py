@@ -68,17 +68,22 @@ def check_limits_config(eval_cfg: DictConfig | None, stage_names: Iterable[str])
                     raise SculptError(f"{key}.{metric}.{side}: {value!r} is not a number")
 
 
-def edit_metrics(got: Mapping[str, float], unedited: Mapping[str, float]) -> dict[str, float]:
-    """What an edit changed: perplexity relative to the model before it (``unedited``: that
-    model's evaluation) and, where the evaluation compared against that model's cached
-    outputs (``kl_to_previous``), KL and top-1 agreement to it."""
-    out: dict[str, float] = {}
+def edit_metrics(
+    got: Mapping[str, float], unedited: Mapping[str, float], unedited_is_reference: bool
+) -> dict[str, float]:
+    """``got`` with what the edit changed, against the model before it: its perplexity
+    relative to that model's evaluation (``unedited``), and KL / top-1 agreement to it,
+    which the evaluation measured as ``kl`` / ``top1_agreement`` when that model was the
+    reference, else as ``kl_to_previous`` / ``top1_to_previous`` (renamed here)."""
+    out = {k: v for k, v in got.items() if k not in ("kl_to_previous", "top1_to_previous")}
     if "perplexity" in got and "perplexity" in unedited:
         out["ppl_change_vs_unedited"] = got["perplexity"] / unedited["perplexity"] - 1.0
-    for name, metric in (
-        ("kl_to_unedited", "kl_to_previous"),
-        ("top1_to_unedited", "top1_to_previous"),
-    ):
+    source = (
+        ("kl", "top1_agreement")
+        if unedited_is_reference
+        else ("kl_to_previous", "top1_to_previous")
+    )
+    for name, metric in zip(("kl_to_unedited", "top1_to_unedited"), source, strict=True):
         if metric in got:
             out[name] = got[metric]
     return out

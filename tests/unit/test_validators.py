@@ -19,9 +19,12 @@ PIPELINE = ["compressor.bits=4", "editor=ablate_heads", "save_model=false"]
 
 def test_edit_metrics_compare_with_the_model_before_the_edit() -> None:
     got = {"perplexity": 11.0, "kl": 0.5, "kl_to_previous": 0.1, "top1_to_previous": 0.9}
-    out = edit_metrics(got, {"perplexity": 10.0})
+    out = edit_metrics(got, {"perplexity": 10.0}, unedited_is_reference=False)
     assert out["ppl_change_vs_unedited"] == pytest.approx(0.1)
     assert out["kl_to_unedited"] == 0.1 and out["top1_to_unedited"] == 0.9
+    assert "kl_to_previous" not in out and out["kl"] == 0.5
+    first = edit_metrics({"perplexity": 11.0, "kl": 0.5}, {"perplexity": 10.0}, True)
+    assert first["kl_to_unedited"] == 0.5
 
 
 def _eval(**kwargs: object):
