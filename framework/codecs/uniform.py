@@ -6,6 +6,12 @@ size does not divide the row, the last group is shorter and has its own scale (i
 information is counted like any other group's). group_size=None means one group per row
 (per-channel). Symmetric grids fix z = 2^(b-1) and store no zero points.
 
+`float_zero` grids store the group's minimum m as an fp16 offset instead of an integer
+zero point: w_hat = q * s + m with s = (max - min) / (2^b - 1), the "min-scale" form of
+GGUF's Q4_1/Q5_1 (and HQQ). It costs 16 bits per group instead of b, and the range is not
+widened to include 0; a weight that was itself dequantized from such a grid, with blocks
+aligned to the groups, is reproduced exactly (SmolLM2's packaged weights, docs/benchmarks.md).
+
 The dequantized tensor is computed by exactly the arithmetic `decode` uses, so the model
 and the container agree bit for bit.
 """
@@ -29,6 +35,7 @@ class UniformGrid:
     bits: int
     group_size: int | None
     symmetric: bool
+    float_zero: bool = False
 
     @property
     def qmax(self) -> int:
@@ -52,6 +59,13 @@ def fit_params(w: torch.Tensor, grid: UniformGrid) -> tuple[torch.Tensor, torch.
     padded = torch.zeros(rows, n_groups * g, dtype=torch.float32)
     padded[:, :cols] = w.float()
     grouped = padded.view(rows, n_groups, g)  # zero padding cannot change a 0-inclusive range
+    if grid.float_zero:
+        # No 0-inclusive widening here, so a short last group's padding must not count.
+        valid = (torch.arange(n_groups * g) < cols).view(1, n_groups, g)
+        lo = torch.where(valid, grouped, torch.inf).amin(dim=-1)
+        hi = torch.where(valid, grouped, -torch.inf).amax(dim=-1)
+        m = lo.to(torch.float16).float()
+        return _to_fp16((hi - m) / grid.qmax), m
     if grid.symmetric:
         amax = grouped.abs().amax(dim=-1)
         scale = 2.0 * amax / grid.qmax
@@ -76,6 +90,8 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Integer codes [rows, cols] for w under the given per-group parameters."""
     idx = grid.column_groups(w.shape[1])
+    if grid.float_zero:
+        return torch.clamp(torch.round((w.float() - zero[:, idx]) / scale[:, idx]), 0, grid.qmax)
     return torch.clamp(torch.round(w.float() / scale[:, idx]) + zero[:, idx], 0, grid.qmax)
 
 
@@ -83,6 +99,8 @@ def dequantize(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: UniformGrid
 ) -> torch.Tensor:
     idx = grid.column_groups(codes.shape[1])
+    if grid.float_zero:
+        return codes.float() * scale[:, idx] + zero[:, idx]
     return (codes.float() - zero[:, idx]) * scale[:, idx]
 
 
@@ -104,13 +122,17 @@ def encode(
         "codes": pack_bits(codes.to(torch.uint8).numpy(), grid.bits),
         "scales": scale.to(torch.float16).numpy().tobytes(),
     }
-    if not grid.symmetric:
+    params: dict = {"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric}
+    if grid.float_zero:
+        sections["zeros"] = zero.to(torch.float16).numpy().tobytes()
+        params["float_zero"] = True  # only when set: older manifests stay byte-identical
+    elif not grid.symmetric:
         sections["zeros"] = pack_bits(zero.to(torch.uint8).numpy(), grid.bits)
     enc = EncodedTensor(
         codec=CODEC,
         shape=tuple(w.shape),
         bits=float(grid.bits),
-        params={"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric},
+        params=params,
         sections=sections,
     )
     return enc, dequantize(codes, scale, zero, grid)
@@ -119,7 +141,10 @@ def encode(
 def grid_of(enc: EncodedTensor) -> UniformGrid:
     """The grid a uniform-codec tensor (or its entropy-coded variant) was written with."""
     return UniformGrid(
-        int(enc.params["bits"]), enc.params["group_size"], bool(enc.params["symmetric"])
+        int(enc.params["bits"]),
+        enc.params["group_size"],
+        bool(enc.params["symmetric"]),
+        bool(enc.params.get("float_zero", False)),
     )
 
 
@@ -138,7 +163,18 @@ def group_params(enc: EncodedTensor, grid: UniformGrid) -> tuple[torch.Tensor, t
         .float()
         .view(rows, n_groups)
     )
-    if grid.symmetric:
+    if grid.float_zero:
+        zeros_raw = enc.sections["zeros"]
+        if len(zeros_raw) != rows * n_groups * 2:
+            raise ValueError(
+                f"zeros section has {len(zeros_raw)} bytes, expected {rows * n_groups * 2}"
+            )
+        zero = (
+            torch.from_numpy(np.frombuffer(zeros_raw, dtype=np.float16).copy())
+            .float()
+            .view(rows, n_groups)
+        )
+    elif grid.symmetric:
         zero = torch.full((rows, n_groups), float(1 << (grid.bits - 1)))
     else:
         zero = torch.from_numpy(

@@ -136,6 +136,10 @@ def check_fits(name: str, coded: CodedLinear) -> None:
     compressed-tensors pack-quantized form (module docstring: what fits)."""
     grid, key = coded.grid, coded.key
     cols = coded.codes.shape[1]
+    if grid.float_zero:
+        raise SculptError(
+            f"{key}.float_zero: an fp16 group minimum has no compressed-tensors form (its zero points are integers); set it false or set {SWITCH}=false"
+        )
     if grid.bits not in CT_BITS:
         raise SculptError(
             f"{key}.bits: {grid.bits}-bit codes do not export to compressed-tensors (pack-quantized int weights served by vLLM: {' or '.join(map(str, CT_BITS))} bits); change it or set {SWITCH}=false"

@@ -71,6 +71,9 @@ class RTN(Compressor):
         symmetric: zero point fixed at the grid's middle (no zero points stored).
         entropy_code: store the codes as an ANS bitstream (codec `uniform_ans`) instead of
             packed at `bits` each: same weights, fewer bytes when the codes are uneven.
+        float_zero: store each group's minimum as an fp16 offset (w = q * s + min, GGUF
+            Q4_1's form) instead of a `bits`-wide integer zero point: 16 bits per group
+            instead of `bits`, and exact on weights that already sit on such a grid.
     """
 
     def __init__(
@@ -79,9 +82,14 @@ class RTN(Compressor):
         group_size: int | None = 128,
         symmetric: bool = False,
         entropy_code: bool = False,
+        float_zero: bool = False,
     ):
         check_grid_args(bits, group_size)
-        self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
+        if float_zero and symmetric:
+            raise ConfigError("float_zero", "a symmetric grid has no zero point to store")
+        self.grid = UniformGrid(
+            bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero
+        )
         self.entropy_code = entropy_code
 
     def compress(self, model: nn.Module, ctx: Context) -> StageResult:

@@ -160,3 +160,58 @@ def test_container_round_trip_is_bit_exact(tmp_path, symmetric: bool) -> None:
     assert set(out) == set(expected)
     for name, w_hat in expected.items():
         assert torch.equal(out[name], w_hat), name
+
+
+# ---- float_zero: the fp16 group minimum as offset (GGUF Q4_1's min-scale form) ----------
+
+
+def q4_1_weight(rows: int = ROWS, cols: int = 64, block: int = 32, seed: int = 0) -> torch.Tensor:
+    """A weight built the way GGUF dequantizes Q4_1: per block of `block` columns an fp16
+    scale d and fp16 minimum m, 4-bit codes using both ends of the range, w = d * q + m."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = cols // block
+    d = (torch.rand(rows, blocks, 1, generator=g) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(rows, blocks, 1, generator=g) * 0.08).half().float()
+    q = torch.randint(0, 16, (rows, blocks, block), generator=g).float()
+    q[..., 0], q[..., 1] = 0.0, 15.0  # Q4_1's d = (max - min) / 15: both ends are used
+    return (d * q + m).view(rows, cols)
+
+
+def test_float_zero_reproduces_a_q4_1_weight_exactly() -> None:
+    w = q4_1_weight()
+    exact, w_hat = encode(w, UniformGrid(bits=4, group_size=32, symmetric=False, float_zero=True))
+    assert torch.equal(w_hat, w)
+    assert torch.equal(decode(exact), w)
+    # The integer zero point cannot express an arbitrary fp16 minimum: not exact there.
+    _, w_int = encode(w, UniformGrid(bits=4, group_size=32, symmetric=False))
+    assert not torch.equal(w_int, w)
+    # 4-bit codes + fp16 scale + fp16 minimum per 32 weights = 5 bits per weight.
+    assert 8 * exact.nbytes() / w.numel() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("cols,group", [(40, 16), (40, 12), (40, None), (48, 16)])
+def test_float_zero_round_trips_and_ignores_padding(cols: int, group: int | None) -> None:
+    grid = UniformGrid(bits=3, group_size=group, symmetric=False, float_zero=True)
+    w = weight(cols=cols) + 1.0  # all positive: a 0-inclusive or padded range would show
+    enc, w_hat = encode(w, grid)
+    assert enc.params["float_zero"] is True
+    assert torch.equal(decode(enc), w_hat)
+    scale, zero = fit_params(w, grid)
+    assert float(zero.min()) > 0.5  # the minimum of the real columns, not of zero padding
+    step = scale[:, grid.column_groups(cols)]
+    assert bool(((w_hat - w).abs() <= step / 2 + 1e-3).all())
+
+
+def test_float_zero_corrupt_zeros_section_is_refused() -> None:
+    enc, _ = encode(weight(cols=48), UniformGrid(3, 16, False, float_zero=True))
+    enc.sections["zeros"] = enc.sections["zeros"][:-2]
+    with pytest.raises(ValueError, match="zeros section"):
+        decode(enc)
+
+
+def test_rtn_refuses_float_zero_on_a_symmetric_grid() -> None:
+    from framework.errors import ConfigError
+    from plugins.compressors.rtn import RTN
+
+    with pytest.raises(ConfigError, match="float_zero"):
+        RTN(bits=4, group_size=32, symmetric=True, float_zero=True)
