@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -357,6 +357,62 @@ def sequential_groups(arch: ArchMap, true_sequential: bool) -> list[tuple[str, .
     return groups if true_sequential else [tuple(n for grp in groups for n in grp)]
 
 
+QuantizeInto = Callable[[nn.Linear, torch.Tensor], tuple[Any, dict[str, Any]]]
+
+
+@torch.no_grad()
+def quantize_sequentially(
+    model: nn.Module,
+    ctx: Context,
+    windows: torch.Tensor,
+    quantize_into: QuantizeInto,
+    batch_size: int,
+    true_sequential: bool,
+    quantized_inputs: bool,
+    description: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """GPTQ's sequential calibration (see the module docstring), with the per-layer step
+    left to the caller: quantize_into(layer, hessian) writes the decoded weights into the
+    layer and returns (container entry, stats row). Shared with QuIP (plugins.compressors
+    .quip), which codes differently but calibrates the same way. -> (entries by parameter
+    name, one stats row per layer with its name and role added)."""
+    arch = ctx.arch
+    names = {id(layer): name for name, layer in block_linears(model, arch).items()}
+    block_list = blocks(model, arch)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    encoded: dict[str, Any] = {}
+    rows_out: list[dict[str, Any]] = []
+    try:
+        inputs = capture_block_inputs(model, block_list[0], windows, batch_size, device)
+        groups = sequential_groups(arch, true_sequential)
+        for block in ctx.track(list(block_list), description=description):
+            outputs = None
+            if not quantized_inputs:
+                # The block's outputs before any of its weights change are the next
+                # block's inputs: taken from the first Hessian pass (in place when it is
+                # the only pass over these inputs).
+                outputs = inputs.hidden if len(groups) == 1 else torch.empty_like(inputs.hidden)
+            for i, group in enumerate(groups):
+                layers = {rel: block.get_submodule(rel) for rel in group}
+                hessians = _accumulate_hessians(
+                    block, layers, inputs, outputs=outputs if i == 0 else None
+                )
+                for rel, layer in layers.items():
+                    name = names[id(layer)]
+                    encoded[f"{name}.weight"], row = quantize_into(layer, hessians.pop(rel))
+                    rows_out.append({"layer": name, "role": rel, **row})
+            if outputs is None:
+                _run_block(block, inputs, write=True)
+            else:
+                inputs.hidden = outputs
+        del inputs
+    finally:
+        model.train(was_training)
+    return encoded, rows_out
+
+
 # ----------------------------------------------------------------------------------------
 # The plugin
 # ----------------------------------------------------------------------------------------
@@ -441,42 +497,16 @@ class GPTQ(Compressor):
     def quantize(self, model: nn.Module, ctx: Context) -> Quantized:
         """GPTQ the block linears in place; the container is not written yet."""
         windows = ctx.calibration(self.calibration_windows)
-        arch = ctx.arch
-        names = {id(layer): name for name, layer in block_linears(model, arch).items()}
-        block_list = blocks(model, arch)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        encoded = {}
-        rows_out: list[dict[str, Any]] = []
-        try:
-            inputs = capture_block_inputs(model, block_list[0], windows, self.batch_size, device)
-            groups = sequential_groups(arch, self.true_sequential)
-            for block in ctx.track(list(block_list), description="gptq blocks"):
-                outputs = None
-                if not self.quantized_inputs:
-                    # The block's outputs before any of its weights change are the next
-                    # block's inputs: taken from the first Hessian pass (in place when it is
-                    # the only pass over these inputs).
-                    outputs = inputs.hidden if len(groups) == 1 else torch.empty_like(inputs.hidden)
-                for i, group in enumerate(groups):
-                    layers = {rel: block.get_submodule(rel) for rel in group}
-                    hessians = _accumulate_hessians(
-                        block, layers, inputs, outputs=outputs if i == 0 else None
-                    )
-                    for rel, layer in layers.items():
-                        name = names[id(layer)]
-                        encoded[f"{name}.weight"], row = self._quantize_into(
-                            layer, hessians.pop(rel)
-                        )
-                        rows_out.append({"layer": name, "role": rel, **row})
-                if outputs is None:
-                    _run_block(block, inputs, write=True)
-                else:
-                    inputs.hidden = outputs
-            del inputs
-        finally:
-            model.train(was_training)
+        encoded, rows_out = quantize_sequentially(
+            model,
+            ctx,
+            windows,
+            self._quantize_into,
+            batch_size=self.batch_size,
+            true_sequential=self.true_sequential,
+            quantized_inputs=self.quantized_inputs,
+            description="gptq blocks",
+        )
 
         meta = {
             "method": "gptq",
