@@ -81,3 +81,31 @@ def plot_bounds(rows: list[dict], path, title: str):
     ax.set_title(title)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def output_error_bound(
+    original: torch.Tensor, reconstructed: torch.Tensor, hessian: torch.Tensor
+) -> dict[str, float]:
+    """The layer's squared output error on its calibration inputs, measured and bounded.
+
+    With H = c X^T X (any c > 0; GPTQ's 2/tokens) and E = W - W_hat, the measured error is
+    tr(E H E^T) = c sum_k ||E x_k||^2. Two upper bounds follow from the weight error and the
+    activations alone, without the cross terms: lambda_max(H) ||E||_F^2 (the worst input
+    direction for every row) and ||E||_2^2 tr(H) (the worst weight direction for every
+    input). Both are certified for these inputs: exact inequalities, computed in float64,
+    not estimates. They say nothing about inputs outside the calibration set. `ratio` is
+    bound / measured (>= 1: how loose the tighter bound is)."""
+    h = hessian.detach().to(torch.float64).cpu()
+    e = (original.detach().to(torch.float64) - reconstructed.detach().to(torch.float64)).cpu()
+    measured = float(((e @ h) * e).sum())
+    lam_max = float(torch.linalg.eigvalsh(h)[-1])
+    frob_bound = lam_max * float(e.pow(2).sum())
+    spectral_bound = float(torch.linalg.matrix_norm(e, ord=2)) ** 2 * float(torch.diag(h).sum())
+    bound = min(frob_bound, spectral_bound)
+    return {
+        "output_error": measured,
+        "output_bound_frobenius": frob_bound,
+        "output_bound_spectral": spectral_bound,
+        "output_bound": bound,
+        "bound_ratio": bound / measured if measured > 0 else math.inf,
+    }
