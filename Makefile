@@ -23,6 +23,7 @@ help:
 	@echo "make test-distributed  2-process FSDP2 and DeepSpeed ZeRO-3 on CPU (gloo)"
 	@echo "make test-gpu   DeepSpeed/GPTQ on a CUDA device (skipped without one)"
 	@echo "make lint       ruff"
+	@echo "make peers-venv llm-compressor (the GPTQ peer, compressor=peer_gptq) in its own venv"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +73,22 @@ slurm-down:
 
 test-slurm: venv slurm-up
 	SCULPT_REQUIRE_SLURM=1 $(PYTEST) -q -m slurm tests/slurm
+
+# The GPTQ peer (compressor=peer_gptq, experiments/rd_curve.yaml): llm-compressor pins
+# transformers and compressed-tensors to other versions than ours, so it gets a venv of its
+# own inside ours (found there by the plugin, ignored by git with .venv/), torch pinned to
+# the same CPU build. The plugin drives it as a subprocess; only files cross over.
+PEERS_VENV ?= $(VENV)/peers
+PEERS ?= llmcompressor==0.14.0.1
+PEERS_STAMP := $(PEERS_VENV)/.sculpt-peers-installed
+.PHONY: peers-venv
+$(PEERS_STAMP):
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PEERS_VENV)/bin/pip install -q --disable-pip-version-check "$(TORCH)" "$(PEERS)"
+	@touch $(PEERS_STAMP)
+
+peers-venv: $(PEERS_STAMP)
 
 lint: venv
 	$(VENV)/bin/ruff check framework plugins tests
