@@ -194,6 +194,11 @@ def _peer_worker(job_dir: str) -> None:  # pragma: no cover - runs in the peer's
     (job / "result.json").write_text(json.dumps(summary))
 
 
+# Taken once, at import: inspect reads the file again when asked, and a file edited since
+# (a checkout, a formatter) would hand the peer lines that no longer match the function.
+_WORKER_SOURCE = inspect.getsource(_peer_worker)
+
+
 # ----------------------------------------------------------------------------------------
 # Our side
 # ----------------------------------------------------------------------------------------
@@ -401,9 +406,8 @@ class PeerGPTQ(Compressor):
             "dtype": str(dtype).removeprefix("torch."),
         }
         (job / "job.json").write_text(json.dumps(spec, indent=1))
-        source = inspect.getsource(_peer_worker)
         (job / "worker.py").write_text(
-            f"{source}\n\nif __name__ == '__main__':\n    import sys\n\n    _peer_worker(sys.argv[1])\n"
+            f"{_WORKER_SOURCE}\n\nif __name__ == '__main__':\n    import sys\n\n    _peer_worker(sys.argv[1])\n"
         )
 
     def _run_peer(self, python: Path, job: Path, log_path: Path) -> None:

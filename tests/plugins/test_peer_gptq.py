@@ -125,6 +125,9 @@ if mode == "hang":
     import time; time.sleep(60)
 import numpy as np
 from safetensors.numpy import load_file, save_file
+worker = Path(sys.argv[1]).read_text()  # what the real peer would run: whole and valid
+compile(worker, sys.argv[1], "exec")
+assert "def _peer_worker(job_dir" in worker and "_peer_worker(sys.argv[1])" in worker
 job = Path(sys.argv[2])
 spec = json.loads((job / "job.json").read_text())
 weights = load_file(str(job / "model" / "model.safetensors"))
