@@ -111,7 +111,7 @@ def read_run(folder: Path) -> RunPoint:
         why = (
             f"the run failed: {failed.read_text(errors='replace').strip().splitlines()[0]}"
             if failed.exists() and failed.read_text(errors="replace").strip()
-            else "the run did not finish (killed, or still running)"
+            else "the run has not finished: killed, or still running"
         )
         raise SculptError(f"{path}: missing ({why})")
     try:

@@ -165,7 +165,9 @@ def test_method_and_bits_fall_back_without_hydra_records(tmp_path: Path) -> None
 
 def test_missing_metrics_is_one_line(sweep: Path) -> None:
     (sweep / "1" / "metrics.json").unlink()
-    with pytest.raises(SculptError, match=r"1/metrics.json: missing \(the run did not finish") as e:
+    with pytest.raises(
+        SculptError, match=r"1/metrics.json: missing \(the run has not finished: killed"
+    ) as e:
         report.collect([sweep])
     assert "\n" not in str(e.value)
 
