@@ -54,6 +54,12 @@ from framework.errors import ConfigError, SculptError
 from framework.models import block_linears, blocks
 from framework.models.arch import ArchMap
 from framework.plugins import Compressor, Context, StageResult
+from framework.ratedistortion import (
+    output_error_bound,
+    plot_bounds,
+    summarize_bounds,
+    tensor_bound,
+)
 from plugins.compressors.rtn import Quantized, check_grid_args
 
 log = logging.getLogger("sculpt")
@@ -533,14 +539,23 @@ class GPTQ(Compressor):
             "calibration_windows": int(windows.shape[0]),
             "calibration_tokens": int(windows.numel()),
         }
+        metrics.update(bound_metrics(rows_out))
         log.info(
-            "gptq: %d layers, mean relative output error %.4g (RTN on the same grid %.4g)",
+            "gptq: %d layers, mean relative output error %.4g (RTN on the same grid %.4g); "
+            "certified output bounds %.3g-%.3g x the measured errors",
             metrics["layers"],
             metrics["output_relative_error"],
             metrics["rtn_output_relative_error"],
+            metrics.get("bound_ratio_min", float("nan")),
+            metrics.get("bound_ratio_max", float("nan")),
         )
+        title = f"GPTQ {self.grid.bits}-bit, group {self.grid.group_size or 'per-channel'}"
         return Quantized(
-            encoded=encoded, meta=meta, metrics=metrics, tables={"by_role": _by_role(rows_out)}
+            encoded=encoded,
+            meta=meta,
+            metrics=metrics,
+            tables={"by_role": _by_role(rows_out), "bounds": bound_table(rows_out)},
+            plots={"rate_distortion": _bounds_plot(rows_out, ctx, "gptq", title)},
         )
 
     def _quantize_into(
@@ -557,6 +572,10 @@ class GPTQ(Compressor):
         )
         out_err, rtn_err = relative_output_errors(w32, hessian.cpu(), w_hat, w_rtn)
         stats = {
+            # Shannon's Gaussian D(R) at the rate written, and the certified bound on the
+            # layer's output error on these calibration inputs (framework.ratedistortion).
+            **tensor_bound(w32, w_hat, 8.0 * enc.nbytes() / w32.numel()),
+            **output_error_bound(w32, w_hat, hessian),
             "output_rel_err": out_err,
             "rtn_output_rel_err": rtn_err,
             "weight_rel_mse": float((w_hat - w32).pow(2).sum() / w32.pow(2).sum().clamp_min(1e-30)),
@@ -565,9 +584,51 @@ class GPTQ(Compressor):
             "dead_columns": res.dead_columns,
             "_sq_err": float((w_hat - w32).pow(2).sum()),
             "_sq_norm": float(w32.pow(2).sum()),
+            "_numel": w32.numel(),
         }
         layer.weight.data.copy_(w_hat.to(device=w.device, dtype=w.dtype))
         return enc, stats
+
+
+BOUND_COLUMNS = (
+    "layer",
+    "role",
+    "rate",
+    "mse",
+    "gaussian_dr",
+    "gap_bits",
+    "output_error",
+    "output_bound",
+    "bound_ratio",
+)
+
+
+def bound_table(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per layer: rate written, MSE beside the Gaussian D(R), gap in bits, and the measured
+    output error beside its certified bound."""
+    return [{k: r[k] for k in BOUND_COLUMNS if k in r} for r in rows]
+
+
+def bound_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Weight-count-weighted D(R) gaps and the spread of bound / measured over layers."""
+    rows = [r for r in rows if "gap_bits" in r]
+    if not rows:
+        return {}
+    out = summarize_bounds(rows, [int(r["_numel"]) for r in rows])
+    ratios = [r["bound_ratio"] for r in rows if math.isfinite(r["bound_ratio"])]
+    if ratios:
+        out.update(
+            bound_ratio_min=min(ratios),
+            bound_ratio_median=sorted(ratios)[len(ratios) // 2],
+            bound_ratio_max=max(ratios),
+        )
+    return out
+
+
+def _bounds_plot(rows: list[dict[str, Any]], ctx: Context, default: str, title: str):
+    rows = [r for r in rows if "gap_bits" in r]
+    path = ctx.output_dir / "plots" / f"{ctx.stage_name or default}_rate_distortion.png"
+    return plot_bounds(rows, path, title)
 
 
 def _by_role(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

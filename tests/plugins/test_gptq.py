@@ -363,3 +363,19 @@ def test_bad_arguments_raise_config_error(kwargs, argument):
 
 def test_capability_flags():
     assert GPTQ.needs_calibration and GPTQ.changes_weights
+
+
+def test_every_layer_reports_its_d_of_r_gap_and_a_certified_output_bound(gptq3, tiny) -> None:
+    model, result = gptq3
+    rows = result.tables["bounds"]
+    assert len(rows) == len(block_linears(model, tiny.arch))
+    for r in rows:
+        # The bound is an inequality computed from the weight error and the activations:
+        # it must hold, and it is never absurdly loose on these small layers.
+        assert r["output_bound"] >= r["output_error"] > 0
+        assert 1.0 <= r["bound_ratio"] < 1e4
+        assert r["mse"] > 0 and r["gaussian_dr"] > 0
+        assert 3 + (16 + 3) / 32 <= r["rate"] < 3.75  # codes + fp16 scale + zero, whole bytes
+    assert result.metrics["bound_ratio_min"] >= 1.0
+    assert math.isfinite(result.metrics["mean_gap_bits"])
+    assert result.plots["rate_distortion"].exists()
