@@ -42,7 +42,8 @@ from framework.transforms import hadamard_matrix, random_rotation
 
 CODEC = "incoherent"
 CODEBOOKS = ("e8", "uniform")
-ROTATIONS = ("hadamard", "orthogonal")
+# "identity" switches incoherence off: the ablation of the same codebook and feedback.
+ROTATIONS = ("hadamard", "orthogonal", "identity")
 # Whole shells of each residual stage, by nominal bits per weight: the 5-shell ball is the
 # largest that fits 16 bits per vector, the 1-shell ball (origin and the 240 minimal
 # vectors) fits 8.
@@ -224,7 +225,10 @@ def unit_values(codes: np.ndarray, book: Codebook) -> np.ndarray:
 
 
 def rotation_kind(n: int, preferred: str) -> str:
-    """hadamard when asked for and constructible at order n, otherwise orthogonal."""
+    """hadamard when asked for and constructible at order n, otherwise orthogonal;
+    `none` is the identity."""
+    if preferred == "none":
+        return "identity"
     if preferred == "hadamard":
         try:
             hadamard_matrix(n)
@@ -238,7 +242,13 @@ def rotations(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(U [rows, rows], V [cols, cols]) float64, regenerated from the seed."""
     gen = torch.Generator().manual_seed(seed)
-    return random_rotation(rows, row_kind, gen), random_rotation(cols, col_kind, gen)
+
+    def one(n: int, kind: str) -> torch.Tensor:
+        if kind == "identity":
+            return torch.eye(n, dtype=torch.float64)
+        return random_rotation(n, kind, gen)
+
+    return one(rows, row_kind), one(cols, col_kind)
 
 
 # ----------------------------------------------------------------------------- codec

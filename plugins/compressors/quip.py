@@ -55,7 +55,12 @@ from framework.codecs.uniform import UniformGrid, dequantize, fit_params, quanti
 from framework.errors import ConfigError
 from framework.models import block_linears
 from framework.plugins import Compressor, Context, StageResult
-from framework.ratedistortion import plot_bounds, summarize_bounds, tensor_bound
+from framework.ratedistortion import (
+    output_error_bound,
+    plot_bounds,
+    summarize_bounds,
+    tensor_bound,
+)
 from plugins.compressors.gptq import (
     _by_role,
     _inverse_cholesky,
@@ -148,7 +153,9 @@ class QuIP(Compressor):
             rotation the rows' entries are alike, so per row is the default). A multiple of
             8 for e8.
         rotation: hadamard (random signs times a Hadamard matrix; falls back to orthogonal
-            for an order none can be built for) or orthogonal (Haar random).
+            for an order none can be built for), orthogonal (Haar random), or none (no
+            incoherence processing: the same codebook and feedback on the raw weights, the
+            ablation that shows what the rotation buys).
         damp: fraction of the mean Hessian diagonal added to the diagonal (as GPTQ).
         block_size: lazy-batch width in columns (speed only; rounded to whole vectors).
         feedback: LDLQ error feedback; false codes every vector to its nearest point (the
@@ -165,7 +172,7 @@ class QuIP(Compressor):
         bits: int = 2,
         codebook: Literal["e8", "uniform"] = "e8",
         group_size: int | None = None,
-        rotation: Literal["hadamard", "orthogonal"] = "hadamard",
+        rotation: Literal["hadamard", "orthogonal", "none"] = "hadamard",
         damp: float = 0.01,
         block_size: int = 128,
         feedback: bool = True,
@@ -183,8 +190,8 @@ class QuIP(Compressor):
         if why:
             key, _, detail = why.partition(": ")
             raise ConfigError(key, detail)
-        if rotation not in ("hadamard", "orthogonal"):
-            raise ConfigError("rotation", f"'{rotation}' is not one of hadamard, orthogonal")
+        if rotation not in ("hadamard", "orthogonal", "none"):
+            raise ConfigError("rotation", f"'{rotation}' is not one of hadamard, orthogonal, none")
         if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
             raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
         if type(block_size) is not int or block_size < 1:
@@ -258,6 +265,13 @@ class QuIP(Compressor):
             "calibration_tokens": int(windows.numel()),
             **summarize_bounds(bounds, sizes),
         }
+        ratios = sorted(b["bound_ratio"] for b in bounds if math.isfinite(b["bound_ratio"]))
+        if ratios:  # certified output bounds: how loose, across layers
+            metrics.update(
+                bound_ratio_min=ratios[0],
+                bound_ratio_median=ratios[len(ratios) // 2],
+                bound_ratio_max=ratios[-1],
+            )
         log.info(
             "quip: %d layers, mean relative output error %.4g (no feedback %.4g, RTN per "
             "channel %.4g), %.4f bits per weight",
@@ -339,7 +353,10 @@ class QuIP(Compressor):
             "weight_rel_mse": sq_err / max(sq_norm, 1e-30),
             "ldlq_loss": loss if math.isfinite(loss) else 0.0,
             "damp": damp,
-            "_bound": tensor_bound(w32, w_hat, 8.0 * enc.nbytes() / w32.numel()),
+            "_bound": {
+                **tensor_bound(w32, w_hat, 8.0 * enc.nbytes() / w32.numel()),
+                **output_error_bound(w32, w_hat, hessian),
+            },
             "_numel": w32.numel(),
             "_bytes": enc.nbytes(),
             "_sq_err": sq_err,

@@ -238,3 +238,20 @@ def test_runs_through_the_runner_and_the_container_decodes_to_the_model(compose_
     assert m["output_relative_error"] < m["nofeedback_output_relative_error"]
     assert m["output_relative_error"] < m["rtn_output_relative_error"]
     assert math.isfinite(m["mean_gap_bits"])
+    # Every layer's certified output bound holds (bound / measured >= 1).
+    assert m["bound_ratio_min"] >= 1.0
+    assert m["bound_ratio_max"] < 1e4
+
+
+def test_rotation_none_is_the_identity_and_round_trips() -> None:
+    """rotation=none: the same codebook on the raw weights (the incoherence ablation); the
+    codec decodes it without any rotation."""
+    from framework.codecs.incoherent import rotation_kind, rotations
+
+    assert rotation_kind(576, "none") == "identity"
+    u, v = rotations(6, 16, 123, "identity", "identity")
+    assert torch.equal(u, torch.eye(6, dtype=torch.float64))
+    assert torch.equal(v, torch.eye(16, dtype=torch.float64))
+    QuIP(bits=2, rotation="none")  # accepted
+    with pytest.raises(ConfigError, match="rotation"):
+        QuIP(bits=2, rotation="random")
