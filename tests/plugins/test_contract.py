@@ -30,6 +30,7 @@ from framework.codecs import read_container
 from framework.config import CONF_DIR, build
 from framework.models import LoadedModel, build_tiny_llama
 from framework.plugins import Analyzer, Compressor, Editor, Stage, StageResult
+from plugins.compressors.peer_gptq import PeersMissing
 
 BASES: dict[str, type[Stage]] = {"compressor": Compressor, "analyzer": Analyzer, "editor": Editor}
 STAGE_NAME = "contract"
@@ -42,6 +43,10 @@ def discover() -> list[tuple[str, str]]:
 
 
 PLUGINS = discover()
+
+# What a plugin needs to fit the tiny Llama (widths 64 and 176): the peer's group 192 does
+# not divide them, and llm-compressor refuses a group that does not divide a width.
+TINY_OVERRIDES: dict[str, list[str]] = {"peer_gptq": ["compressor.group_size=16"]}
 
 
 @dataclass
@@ -93,10 +98,16 @@ def run_stage(node: DictConfig, group: str, output_dir: Path, make_ctx, trainer:
 def outcome(request, compose_at, make_ctx, tmp_path_factory) -> Outcome:
     group, name = request.param
     out = tmp_path_factory.mktemp(f"{group}-{name}")
-    cfg = compose_at([f"{group}={name}", "model=tiny_llama", "trainer.max_steps=3"], out)
+    overrides = TINY_OVERRIDES.get(name, [])
+    cfg = compose_at(
+        [f"{group}={name}", "model=tiny_llama", "trainer.max_steps=3", *overrides], out
+    )
     node = cfg[group]
     torch.manual_seed(123)  # a plugin must not depend on the global RNG: reseeded differently below
-    first = run_stage(node, group, out / "run1", make_ctx, cfg.trainer)
+    try:
+        first = run_stage(node, group, out / "run1", make_ctx, cfg.trainer)
+    except PeersMissing as err:  # an optional install (make peers-venv), absent in CI
+        pytest.skip(str(err))
     torch.manual_seed(456)
     second = run_stage(node, group, out / "run2", make_ctx, cfg.trainer)
     return Outcome(group=group, name=name, node=node, runs=[first, second])
