@@ -261,6 +261,8 @@ class RDAlloc(Compressor):
             counts[key] = counts.get(key, 0) + 1
         metrics: dict[str, float] = {
             **{k: float(v) for k, v in stage_metrics.items() if isinstance(v, int | float)},
+            # GPTQ's own nominal_bits is the last layer's grid: the budget is what was asked.
+            "nominal_bits": self.budget_bits,
             "budget_bits": self.budget_bits,
             "bits_per_weight_linears": bits_per_weight,
             "predicted_weighted_distortion": sum(

@@ -64,6 +64,7 @@ def test_budget_met_in_bytes_and_container_decodes_to_the_model(
     assert achieved <= 3.3 + 1e-9
     assert achieved > 3.0  # the budget was spent, not left on the table
     assert result.metrics["bits_per_weight_linears"] == pytest.approx(achieved)
+    assert result.metrics["nominal_bits"] == 3.3
     assert len({(r["bits"], r["group_size"]) for r in rows}) > 1  # a real mix
     decoded = read_container(result.artifacts["compressed"])
     for name, layer in linears.items():
