@@ -215,7 +215,7 @@ def markdown(points: list[RunPoint], skipped: list[str], root: Path) -> str:
 
 def _rel(folder: Path, root: Path) -> str:
     try:
-        return str(folder.relative_to(root)) or "."
+        return str(folder.resolve().relative_to(root.resolve())) or "."
     except ValueError:
         return str(folder)
 
@@ -263,7 +263,8 @@ def collect(
         raise SculptError(f"{roots[0]}: no complete run to report")
     points.sort(key=lambda p: (p.method, p.nominal_bits or 0.0, p.bits_per_weight or 0.0))
     out = out if out is not None else roots[0]
-    md = atomic_write_text(out / REPORT_MD, markdown(points, skipped, roots[0]))
+    # Run folders are named relative to where the command ran: as the user typed them.
+    md = atomic_write_text(out / REPORT_MD, markdown(points, skipped, Path.cwd()))
     png = plot(points, out / REPORT_PNG)
     return md, png
 
