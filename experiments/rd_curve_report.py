@@ -48,6 +48,9 @@ class RunPoint:
     seconds: float | None
     own_seconds: float | None  # the method's own quantization time, where it reports one
     reference_perplexity: float | None
+    # Weight-count-weighted mean of R - R_G(MSE) over the coded tensors: how many bits per
+    # weight above Shannon's D(R) for a Gaussian of each tensor's variance (None: not logged).
+    gap_bits: float | None = None
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -132,9 +135,10 @@ def read_run(folder: Path) -> RunPoint:
     option, bits = _hydra_record(folder)
     target = str(stage.get("target") or "")
     method = option or target.rsplit(".", 1)[-1].lower() or "?"
-    nominal = _number(metrics.get("nominal_bits"))
+    # The rate the run asked for (its config) first; the stage's own figure only without one.
+    nominal = _number(bits)
     if nominal is None:
-        nominal = _number(bits)
+        nominal = _number(metrics.get("nominal_bits"))
     return RunPoint(
         folder=folder,
         method=method,
@@ -146,6 +150,7 @@ def read_run(folder: Path) -> RunPoint:
         seconds=_number(metrics.get("seconds")),
         own_seconds=_number(metrics.get("peer_seconds")),
         reference_perplexity=_number((reference.get("eval") or {}).get("perplexity")),
+        gap_bits=_number(metrics.get("mean_gap_bits")),
     )
 
 
@@ -168,14 +173,15 @@ def markdown(points: list[RunPoint], skipped: list[str], root: Path) -> str:
     lines = [
         "# Rate-distortion: perplexity against bits per weight",
         "",
-        "| method | nominal bits | bits/weight | perplexity | KL | top-1 | compression s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | nominal bits | bits/weight | perplexity | KL | top-1 | gap to D(R), bits "
+        "| compression s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         lines.append(
             f"| {p.method} | {_fmt(p.nominal_bits, 'g')} | {_fmt(p.bits_per_weight, '.3f')} "
             f"| {_ppl(p.perplexity)} | {_fmt(p.kl, '.4f')} | {_fmt(p.top1, '.2%')} "
-            f"| {_fmt(p.seconds, '.0f')} |"
+            f"| {_fmt(p.gap_bits, '.3f')} | {_fmt(p.seconds, '.0f')} |"
         )
     lines.append("")
     refs = sorted({round(p.reference_perplexity, 6) for p in points if p.reference_perplexity})
@@ -221,8 +227,17 @@ def _rel(folder: Path, root: Path) -> str:
 
 
 def plot(points: list[RunPoint], path: Path) -> Path:
+    """Left: perplexity against bits per weight. Right, where the runs logged it: each
+    method's mean distance above the Gaussian D(R) in bits (0 = Shannon's bound for a
+    Gaussian source of the weights' variance; a lossless code sits at minus infinity)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    with_gap = [
+        p
+        for p in points
+        if p.gap_bits is not None and math.isfinite(p.gap_bits) and p.bits_per_weight
+    ]
+    fig, axes = plt.subplots(1, 2 if with_gap else 1, figsize=(11 if with_gap else 6.5, 4))
+    ax = axes[0] if with_gap else axes
     by_method: dict[str, list[tuple[float, float]]] = {}
     for p in points:
         if p.bits_per_weight is None or p.perplexity is None:
@@ -230,9 +245,12 @@ def plot(points: list[RunPoint], path: Path) -> Path:
         if not (math.isfinite(p.perplexity) and p.perplexity > 0):
             continue  # a log axis has no place for it; the table still shows it
         by_method.setdefault(p.method, []).append((p.bits_per_weight, p.perplexity))
+    colors = {m: f"C{i}" for i, m in enumerate(sorted({p.method for p in points}))}
     for method, xy in by_method.items():
         xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=method)
+        ax.plot(
+            [x for x, _ in xy], [y for _, y in xy], marker="o", label=method, color=colors[method]
+        )
     refs = [p.reference_perplexity for p in points if p.reference_perplexity]
     if refs:
         ax.axhline(refs[0], color="gray", linestyle="--", linewidth=1, label="reference")
@@ -244,6 +262,28 @@ def plot(points: list[RunPoint], path: Path) -> Path:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    if with_gap:
+        gap_ax = axes[1]
+        gaps: dict[str, list[tuple[float, float]]] = {}
+        for p in with_gap:
+            gaps.setdefault(p.method, []).append((p.bits_per_weight, p.gap_bits))
+        for method, xy in gaps.items():
+            xy.sort()
+            gap_ax.plot(
+                [x for x, _ in xy],
+                [y for _, y in xy],
+                marker="o",
+                label=method,
+                color=colors[method],
+            )
+        gap_ax.axhline(0.0, color="black", linewidth=1, label="Gaussian D(R) (Shannon)")
+        gap_ax.set(
+            title="Distance above the Gaussian D(R)",
+            xlabel="bits per weight (counted from the container)",
+            ylabel="mean R - R(D), bits per weight",
+        )
+        gap_ax.grid(alpha=0.3)
+        gap_ax.legend()
     return save_figure(fig, path)
 
 

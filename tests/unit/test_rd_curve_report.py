@@ -85,7 +85,7 @@ def sweep(tmp_path: Path) -> Path:
     (root).mkdir(parents=True)
     (root / "multirun.yaml").write_text("hydra: {}\n")
     _write_run(root / "0", "rtn", 2, 2.17, 3.5e5)
-    _write_run(root / "1", "rtn", 3, 3.17, 40.0)
+    _write_run(root / "1", "rtn", 3, 3.17, 40.0, extra={"mean_gap_bits": 0.5})
     _write_run(
         root / "2",
         "peer_gptq",
@@ -135,7 +135,9 @@ def test_table_and_plot(sweep: Path, tmp_path: Path) -> None:
         ("rtn", "2"),
         ("rtn", "3"),
     ]
-    assert rows[0] == ["peer_gptq", "2", "2.083", "12,000", "120.0000", "85.00%", "25"]
+    assert rows[0] == ["peer_gptq", "2", "2.083", "12,000", "120.0000", "85.00%", "-", "25"]
+    # the distance above the Gaussian D(R), where the run logged it
+    assert rows[3][6] == "0.500"
     assert rows[3][2:4] == ["3.170", "40.00"]
     assert "Reference (uncompressed) perplexity: 10.64." in md
     assert "peer_gptq 2-bit 455 s" in md and "peer_gptq 3-bit 470 s" in md
