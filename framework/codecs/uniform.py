@@ -148,32 +148,25 @@ def grid_of(enc: EncodedTensor) -> UniformGrid:
     )
 
 
+def _fp16_per_group(enc: EncodedTensor, section: str, n_groups: int) -> torch.Tensor:
+    """A [rows, groups] fp16 section (scales, or a float_zero grid's minima) as float32."""
+    rows = enc.shape[0]
+    raw = enc.sections[section]
+    if len(raw) != rows * n_groups * 2:
+        raise ValueError(f"{section} section has {len(raw)} bytes, expected {rows * n_groups * 2}")
+    return (
+        torch.from_numpy(np.frombuffer(raw, dtype=np.float16).copy()).float().view(rows, n_groups)
+    )
+
+
 def group_params(enc: EncodedTensor, grid: UniformGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) per [row, group] from a tensor's ``scales`` / ``zeros`` sections; a
     symmetric grid's zero is the middle code."""
     rows, cols = enc.shape
     n_groups = grid.groups(cols)
-    scales_raw = enc.sections["scales"]
-    if len(scales_raw) != rows * n_groups * 2:
-        raise ValueError(
-            f"scales section has {len(scales_raw)} bytes, expected {rows * n_groups * 2}"
-        )
-    scale = (
-        torch.from_numpy(np.frombuffer(scales_raw, dtype=np.float16).copy())
-        .float()
-        .view(rows, n_groups)
-    )
+    scale = _fp16_per_group(enc, "scales", n_groups)
     if grid.float_zero:
-        zeros_raw = enc.sections["zeros"]
-        if len(zeros_raw) != rows * n_groups * 2:
-            raise ValueError(
-                f"zeros section has {len(zeros_raw)} bytes, expected {rows * n_groups * 2}"
-            )
-        zero = (
-            torch.from_numpy(np.frombuffer(zeros_raw, dtype=np.float16).copy())
-            .float()
-            .view(rows, n_groups)
-        )
+        zero = _fp16_per_group(enc, "zeros", n_groups)
     elif grid.symmetric:
         zero = torch.full((rows, n_groups), float(1 << (grid.bits - 1)))
     else:
