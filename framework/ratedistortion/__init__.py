@@ -109,3 +109,16 @@ def output_error_bound(
         "output_bound": bound,
         "bound_ratio": bound / measured if measured > 0 else math.inf,
     }
+
+
+def summarize_output_bounds(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Spread over layers of bound / measured (output_error_bound's `bound_ratio`): min,
+    median and max; layers with no measured error (infinite ratio) are left out."""
+    ratios = sorted(r["bound_ratio"] for r in rows if math.isfinite(r.get("bound_ratio", math.inf)))
+    if not ratios:
+        return {}
+    return {
+        "bound_ratio_min": ratios[0],
+        "bound_ratio_median": ratios[len(ratios) // 2],
+        "bound_ratio_max": ratios[-1],
+    }

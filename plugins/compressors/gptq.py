@@ -58,6 +58,7 @@ from framework.ratedistortion import (
     output_error_bound,
     plot_bounds,
     summarize_bounds,
+    summarize_output_bounds,
     tensor_bound,
 )
 from plugins.compressors.rtn import Quantized, check_grid_args
@@ -614,15 +615,10 @@ def bound_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     rows = [r for r in rows if "gap_bits" in r]
     if not rows:
         return {}
-    out = summarize_bounds(rows, [int(r["_numel"]) for r in rows])
-    ratios = [r["bound_ratio"] for r in rows if math.isfinite(r["bound_ratio"])]
-    if ratios:
-        out.update(
-            bound_ratio_min=min(ratios),
-            bound_ratio_median=sorted(ratios)[len(ratios) // 2],
-            bound_ratio_max=max(ratios),
-        )
-    return out
+    return {
+        **summarize_bounds(rows, [int(r["_numel"]) for r in rows]),
+        **summarize_output_bounds(rows),
+    }
 
 
 def _bounds_plot(rows: list[dict[str, Any]], ctx: Context, default: str, title: str):

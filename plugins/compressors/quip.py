@@ -59,6 +59,7 @@ from framework.ratedistortion import (
     output_error_bound,
     plot_bounds,
     summarize_bounds,
+    summarize_output_bounds,
     tensor_bound,
 )
 from plugins.compressors.gptq import (
@@ -265,13 +266,7 @@ class QuIP(Compressor):
             "calibration_tokens": int(windows.numel()),
             **summarize_bounds(bounds, sizes),
         }
-        ratios = sorted(b["bound_ratio"] for b in bounds if math.isfinite(b["bound_ratio"]))
-        if ratios:  # certified output bounds: how loose, across layers
-            metrics.update(
-                bound_ratio_min=ratios[0],
-                bound_ratio_median=ratios[len(ratios) // 2],
-                bound_ratio_max=ratios[-1],
-            )
+        metrics.update(summarize_output_bounds(bounds))  # how loose the certified bounds are
         log.info(
             "quip: %d layers, mean relative output error %.4g (no feedback %.4g, RTN per "
             "channel %.4g), %.4f bits per weight",

@@ -32,7 +32,12 @@ from framework.codecs.uniform import UniformGrid, encode
 from framework.errors import ConfigError
 from framework.models import block_linears
 from framework.plugins import Compressor, Context, StageResult
-from framework.ratedistortion import plot_bounds, summarize_bounds, tensor_bound
+from framework.ratedistortion import (
+    plot_bounds,
+    summarize_bounds,
+    summarize_output_bounds,
+    tensor_bound,
+)
 from framework.ratedistortion.allocation import Option, allocate, reverse_water_filling
 from plugins.compressors.gptq import GPTQ
 from plugins.compressors.rtn import Quantized, check_grid_args
@@ -164,11 +169,8 @@ class RDAlloc(Compressor):
         names = list(linears)
         if self.sensitivity == "fisher":
             fisher = fisher_diagonal(model, linears, ctx.calibration(self.sensitivity_windows))
-        else:
-            fisher = {
-                n: torch.ones_like(layer.weight, dtype=torch.float32)
-                for n, layer in linears.items()
-            }
+        else:  # plain weight MSE: a scalar weight broadcasts, no tensor per layer
+            fisher = dict.fromkeys(linears, torch.tensor(1.0))
 
         menus, sizes, variances = [], [], []
         for name in ctx.track(names, description="rd_alloc menus"):
@@ -182,6 +184,10 @@ class RDAlloc(Compressor):
             menus.append(menu)
             sizes.append(w.numel())
             variances.append(float((f * (w - w.mean()).pow(2)).mean()))
+        # Only its per-layer mean is reported; the full Fisher (one float per weight) is
+        # not kept through the quantizer's pass.
+        sensitivity = {name: float(f.mean()) for name, f in fisher.items()}
+        del fisher
         try:
             choice = allocate(menus, sizes, self.budget_bits)
         except ValueError as err:
@@ -213,7 +219,7 @@ class RDAlloc(Compressor):
             certified,
             water_rates,
             water_distortion,
-            fisher,
+            sensitivity,
             stage_metrics,
         )
 
@@ -228,7 +234,7 @@ class RDAlloc(Compressor):
         measured: dict[str, dict[str, float]],
         water_rates: list[float],
         water_distortion: float,
-        fisher: dict[str, torch.Tensor],
+        sensitivity: dict[str, float],
         stage_metrics: dict[str, Any],
     ) -> Quantized:
         """The allocation table (one row per layer: option, rate from bytes, water-filling
@@ -243,7 +249,7 @@ class RDAlloc(Compressor):
                 "group_size": grid.group_size or "channel",
                 "rate": m["rate"],
                 "water_filling_rate": water_rates[k],
-                "sensitivity": float(fisher[name].mean()),
+                "sensitivity": sensitivity[name],
                 "predicted_distortion": menus[k][choice[k]].distortion,
                 "mse": m["mse"],
                 "gaussian_dr": m["gaussian_dr"],
@@ -272,11 +278,7 @@ class RDAlloc(Compressor):
             **summarize_bounds([measured[n] for n in names], sizes),
             **{f"layers_{k}": float(v) for k, v in counts.items()},
         }
-        if all("bound_ratio" in measured[n] for n in names):
-            ratios = [measured[n]["bound_ratio"] for n in names]
-            metrics["bound_ratio_mean"] = sum(ratios) / len(ratios)
-            metrics["bound_ratio_max"] = max(ratios)
-            metrics["bound_ratio_min"] = min(ratios)
+        metrics.update(summarize_output_bounds([measured[n] for n in names]))
         plots_dir = ctx.output_dir / "plots"
         stage = ctx.stage_name or "rd_alloc"
         plots = {
