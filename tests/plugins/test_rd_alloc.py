@@ -10,42 +10,27 @@ import pytest
 import torch
 
 from framework.codecs import read_container
-from framework.data import WindowSpec, make_windows, tokenize
-from framework.data.sources import shakespeare
 from framework.errors import ConfigError
-from framework.models import block_linears, build_tiny_llama
-from framework.plugins import Context
+from framework.models import block_linears
 from framework.ratedistortion import output_error_bound
 from plugins.compressors.rd_alloc import RDAlloc, fisher_diagonal
 
-SEQ = 64
+# `tiny`, `tiny_windows` and `make_ctx` are the shared fixtures of tests/conftest.py.
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_llama(layers=2, hidden=64, intermediate=192, heads=4, kv_heads=2)
+@pytest.fixture
+def calibration(tiny_windows) -> torch.Tensor:
+    return tiny_windows["calibration"]
 
 
-@pytest.fixture(scope="module")
-def calibration(tiny) -> torch.Tensor:
-    ids = tokenize(tiny.tokenizer, shakespeare(groups=("tragedies",))[:100_000])
-    return make_windows(ids, WindowSpec(source="", windows=8, seq_len=SEQ, sampling="random"), "c")
-
-
-def run(plugin: RDAlloc, tiny, calibration, tmp_path):
+def run(plugin: RDAlloc, tiny, make_ctx, tmp_path):
     model = copy.deepcopy(tiny.model)
-    ctx = Context(
-        tokenizer=tiny.tokenizer,
-        arch=tiny.arch,
-        output_dir=tmp_path,
-        calibration_loader=lambda: calibration,
-    )
-    return model, plugin.compress(model, ctx)
+    return model, plugin.compress(model, make_ctx(tiny, tmp_path))
 
 
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
 def test_budget_met_in_bytes_and_container_decodes_to_the_model(
-    quantizer, tiny, calibration, tmp_path
+    quantizer, tiny, make_ctx, tmp_path
 ) -> None:
     plugin = RDAlloc(
         budget_bits=3.3,
@@ -53,9 +38,9 @@ def test_budget_met_in_bytes_and_container_decodes_to_the_model(
         bits_choices=[2, 3, 4],
         group_sizes=[32, None],
         sensitivity_windows=4,
-        calibration_windows=8,
+        calibration_windows=4,
     )
-    model, result = run(plugin, tiny, calibration, tmp_path)
+    model, result = run(plugin, tiny, make_ctx, tmp_path)
     rows = result.tables["allocation"]
     linears = block_linears(model, tiny.arch)
     assert len(rows) == len(linears)
@@ -83,7 +68,9 @@ def test_budget_met_in_bytes_and_container_decodes_to_the_model(
     assert result.plots["allocation"].exists()
 
 
-def test_allocation_beats_the_uniform_grid_it_could_have_chosen(tiny, calibration, tmp_path):
+def test_allocation_beats_the_uniform_grid_it_could_have_chosen(
+    tiny, calibration, make_ctx, tmp_path
+):
     """At the budget of a uniform 3-bit g32 grid, the allocated predicted weighted
     distortion is at most that grid's (it is on the menu), and here strictly lower."""
     from framework.codecs.uniform import UniformGrid, encode
@@ -106,7 +93,7 @@ def test_allocation_beats_the_uniform_grid_it_could_have_chosen(tiny, calibratio
         group_sizes=[32],
         sensitivity_windows=4,
     )
-    _, result = run(plugin, tiny, calibration, tmp_path)
+    _, result = run(plugin, tiny, make_ctx, tmp_path)
     assert result.metrics["predicted_weighted_distortion"] < uniform_d
 
 
@@ -167,9 +154,9 @@ def test_bad_settings_name_their_key(kwargs, key) -> None:
         RDAlloc(**kwargs)
 
 
-def test_budget_below_every_option_names_budget_bits(tiny, calibration, tmp_path) -> None:
+def test_budget_below_every_option_names_budget_bits(tiny, make_ctx, tmp_path) -> None:
     plugin = RDAlloc(
         budget_bits=1.5, quantizer="rtn", bits_choices=[2], group_sizes=[32], sensitivity="none"
     )
     with pytest.raises(ConfigError, match=r"^budget_bits: .*below the cheapest"):
-        run(plugin, tiny, calibration, tmp_path)
+        run(plugin, tiny, make_ctx, tmp_path)
