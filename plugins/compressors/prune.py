@@ -1,8 +1,9 @@
-"""Structured pruning of MLP neurons: magnitude, Wanda, or topology-guided allocation.
+"""Structured pruning of MLP neurons or attention heads: magnitude, Wanda, or
+topology-guided allocation.
 
-Unit: one MLP neuron (intermediate channel) j of a block = row j of every MLP input
-projection (gate and up for Llama, fc1 for OPT) and column j of the output projection
-(down_proj). ``sparsity`` is the fraction of all MLP neurons of the model that are removed;
+``unit: neurons`` (the default): one MLP neuron (intermediate channel) j of a block = row j
+of every MLP input projection (gate and up for Llama, fc1 for OPT) and column j of the
+output projection (down_proj). ``sparsity`` is the fraction of all MLP neurons of the model that are removed;
 the number removed is exactly round(sparsity * total) and the per-block counts add up to it.
 
 How a neuron is removed: its rows (and biases) in the input projections and its column in
@@ -15,6 +16,19 @@ rows and columns gives bit-identical outputs). The saving is reported by exact a
 to ``<stage>/pruned_neurons.json`` (and the container's meta) so a later export can shrink
 the matrices. The container stores the changed MLP projections raw (zero-filled), so it
 decodes to the model exactly; its 32 bits/weight do not show the saving, params_removed does.
+
+``unit: heads``: one query head h of a block = rows h*d..(h+1)*d-1 of q_proj (and its bias,
+if any) and the same columns of o_proj (d = head_dim). ``sparsity`` is the fraction of all
+query heads of the model removed (exact count as for neurons). Zeroing the o_proj columns
+is what removes the head exactly: its output (the o_proj input slice) is then read by
+nothing. Zeroing the q rows alone would not (the head's scores become 0, its attention
+uniform, its output the mean of the values), but with the o columns zero it changes
+nothing and is what an export would delete. With grouped-query attention (SmolLM2: 9 query
+heads, 3 key/value heads) k_proj and v_proj are shared by several query heads and stay;
+params_removed counts the q rows and o columns only. Pruned heads go to
+``<stage>/pruned_heads.json``. Everything below reads "head" for "neuron", with a head's
+activation a_h = its output (its slice of o_proj's input) and its output weights
+W_o[:, h's columns] (Frobenius norms).
 
 Scores (higher = keep):
 
@@ -62,6 +76,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -81,6 +96,62 @@ from framework.plugins import Compressor, Context, StageResult
 log = logging.getLogger("sculpt")
 
 METHODS = ("magnitude", "wanda", "topology")
+UNITS = ("neurons", "heads")
+
+
+# ----------------------------------------------------------------------------------------
+# Units
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Units:
+    """Where a block's prunable units live: unit j owns rows j*size..(j+1)*size-1 (and
+    those bias entries) of every `ins` projection and the same columns of `out`, the
+    projection that reads the unit. Neurons: size 1, ins = the MLP input projections,
+    out = down_proj. Heads: size head_dim, ins = q_proj, out = o_proj."""
+
+    name: str  # "neurons" | "heads": metric keys and pruned_<name>.json
+    label: str  # for the log
+    sparsity_key: str  # the metric holding the removed fraction
+    ins: tuple[str, ...]
+    out: str
+    size: int
+
+    def layers(self, block: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
+        """(input projections, output projection) of a block."""
+        ins = [block.get_submodule(n) for n in self.ins]
+        out = block.get_submodule(self.out)
+        if not all(isinstance(m, nn.Linear) for m in [*ins, out]):
+            raise SculptError(f"prune: the {self.label} projections are not nn.Linear")
+        return ins, out  # type: ignore[return-value]
+
+    def columns(self, idx: torch.Tensor) -> torch.Tensor:
+        """Unit indices -> the row / column indices they own."""
+        return (idx[:, None] * self.size + torch.arange(self.size)).flatten()
+
+    def per_unit(self, per_column: torch.Tensor) -> torch.Tensor:
+        """Sum a per-column quantity over each unit's columns."""
+        return per_column.reshape(-1, self.size).sum(dim=1)
+
+
+def units_of(model: nn.Module, arch: ArchMap, unit: str) -> Units:
+    """The Units of `unit` ("neurons" or "heads") for this model."""
+    if unit == "neurons":
+        return Units(unit, "MLP neurons", "mlp_sparsity", arch.mlp_in, arch.mlp_out, 1)
+    if unit != "heads":
+        raise SculptError(f"prune: unit '{unit}' is not one of {', '.join(UNITS)}")
+    n_heads = int(getattr(model.config, arch.num_heads_attr))
+    block = blocks(model, arch)[0]
+    q, o = block.get_submodule(arch.q), block.get_submodule(arch.o)
+    if o.in_features % n_heads or q.out_features != o.in_features:
+        raise SculptError(
+            f"prune: {arch.o} reads {o.in_features} features, {arch.q} writes "
+            f"{q.out_features}: not {n_heads} equal heads"
+        )
+    return Units(
+        unit, "attention heads", "head_sparsity", (arch.q,), arch.o, o.in_features // n_heads
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -88,33 +159,27 @@ METHODS = ("magnitude", "wanda", "topology")
 # ----------------------------------------------------------------------------------------
 
 
-def mlp_layers(block: nn.Module, arch: ArchMap) -> tuple[list[nn.Linear], nn.Linear]:
-    """(input projections, output projection) of a block's MLP."""
-    ins = [block.get_submodule(n) for n in arch.mlp_in]
-    out = block.get_submodule(arch.mlp_out)
-    if not all(isinstance(m, nn.Linear) for m in [*ins, out]):
-        raise SculptError(f"prune: the {arch.family} map's MLP projections are not nn.Linear")
-    return ins, out  # type: ignore[return-value]
-
-
-def magnitude_scores(model: nn.Module, arch: ArchMap) -> list[torch.Tensor]:
-    """Per block [width]: the L2 norm of each neuron's weights (input rows + output column)."""
+def magnitude_scores(model: nn.Module, arch: ArchMap, unit: str = "neurons") -> list[torch.Tensor]:
+    """Per block [units]: the L2 norm of each unit's weights (input rows + output columns)."""
+    units = units_of(model, arch, unit)
     scores = []
     for block in blocks(model, arch):
-        ins, out = mlp_layers(block, arch)
+        ins, out = units.layers(block)
         sq = out.weight.detach().float().pow(2).sum(dim=0)
         for layer in ins:
             sq = sq + layer.weight.detach().float().pow(2).sum(dim=1)
-        scores.append(sq.sqrt().cpu())
+        scores.append(units.per_unit(sq).sqrt().cpu())
     return scores
 
 
 @torch.no_grad()
 def activation_norms(
-    model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int
+    model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int, unit: str = "neurons"
 ) -> list[torch.Tensor]:
-    """Per block [width]: ||a_j||_2 over every calibration token, a_j = the output
-    projection's input. Chunked forwards; only one running sum per block is kept."""
+    """Per block [units]: ||a_j||_2 over every calibration token, a_j = unit j's slice of
+    the output projection's input (a neuron's activation, a head's output). Chunked
+    forwards; only one running sum per block is kept."""
+    units = units_of(model, arch, unit)
     layers = blocks(model, arch)
     sums: list[torch.Tensor | None] = [None] * len(layers)
 
@@ -128,8 +193,7 @@ def activation_norms(
         return fn
 
     handles = [
-        mlp_layers(block, arch)[1].register_forward_pre_hook(hook(i))
-        for i, block in enumerate(layers)
+        units.layers(block)[1].register_forward_pre_hook(hook(i)) for i, block in enumerate(layers)
     ]
     device = next(model.parameters()).device
     try:
@@ -139,16 +203,19 @@ def activation_norms(
         for h in handles:
             h.remove()
     if any(s is None for s in sums):
-        raise SculptError("prune: some block's MLP never ran during the calibration forward")
-    return [s.sqrt().float().cpu() for s in sums if s is not None]
+        raise SculptError(f"prune: some block's {units.out} never ran during calibration")
+    return [units.per_unit(s).sqrt().float().cpu() for s in sums if s is not None]
 
 
-def wanda_scores(model: nn.Module, arch: ArchMap, act_norms: Sequence[torch.Tensor]):
-    """Per block [width]: ||W_out[:, j]|| * ||a_j||."""
+def wanda_scores(
+    model: nn.Module, arch: ArchMap, act_norms: Sequence[torch.Tensor], unit: str = "neurons"
+) -> list[torch.Tensor]:
+    """Per block [units]: ||W_out[:, unit j's columns]||_F * ||a_j||."""
+    units = units_of(model, arch, unit)
     out = []
     for block, norms in zip(blocks(model, arch), act_norms, strict=True):
-        w = mlp_layers(block, arch)[1].weight.detach().float()
-        out.append(w.pow(2).sum(dim=0).sqrt().cpu() * norms)
+        w = units.layers(block)[1].weight.detach().float()
+        out.append(units.per_unit(w.pow(2).sum(dim=0)).sqrt().cpu() * norms)
     return out
 
 
@@ -172,7 +239,7 @@ def round_exact(real: Sequence[float], total: int, caps: Sequence[int]) -> list[
                 short -= 1
                 moved = True
         if not moved:
-            raise ValueError(f"cannot place {total} pruned neurons under the caps {list(caps)}")
+            raise ValueError(f"cannot place {total} pruned units under the caps {list(caps)}")
     return counts
 
 
@@ -195,7 +262,7 @@ def allocate(
     w = np.asarray(widths, dtype=np.float64)
     caps = [math.floor(max_fraction * x) for x in widths]
     if total > sum(caps):
-        raise ValueError(f"{total} neurons exceed the per-block cap {max_fraction}")
+        raise ValueError(f"{total} units exceed the per-block cap {max_fraction}")
     inv = s ** (-power)
 
     def placed(c: float) -> float:
@@ -240,10 +307,13 @@ def probe_sensitivity(
     workers: int,
     seed: int,
     track: Any = None,
+    unit: str = "neurons",
 ) -> list[dict[str, float]]:
     """Per block: diagram displacement (mean SW distance over observed blocks, H0 + H1 and
-    each) and output error when its `probe_sparsity` lowest-Wanda neurons are masked."""
+    each) and output error when its `probe_sparsity` lowest-Wanda units are masked (their
+    slice of the output projection's input set to zero)."""
     track = track or (lambda it, *a, **k: it)
+    units = units_of(model, arch, unit)
     layers = list(blocks(model, arch))
     n = len(layers)
     observed = sorted({*range(0, n, observe_stride), n - 1})
@@ -293,11 +363,12 @@ def probe_sensitivity(
         ref_futures = {i: submit(c) for i, c in ref_clouds.items()}
         probes: list[tuple[dict[int, Any], float]] = []
         for b in track(range(n), "prune: topology probe", total=n):
-            out_layer = mlp_layers(layers[b], arch)[1]
+            out_layer = units.layers(layers[b])[1]
             scores = wanda[b]
             k = round(probe_sparsity * scores.numel())
             mask = torch.ones_like(scores)
             mask[torch.argsort(scores, stable=True)[:k]] = 0.0
+            mask = mask.repeat_interleave(units.size)
             handle = out_layer.register_forward_pre_hook(_mask_hook(mask.to(device)))
             try:
                 clouds, out = run_from(b)
@@ -332,11 +403,13 @@ def probe_sensitivity(
 
 
 class StructuredPrune(Compressor):
-    """Remove a fraction of the MLP neurons (zeroed rows/columns, exact parameter count).
+    """Remove a fraction of the MLP neurons or attention heads (zeroed rows/columns, exact
+    parameter count).
 
     Args:
-        sparsity: fraction of all MLP neurons removed, in [0, 1).
+        sparsity: fraction of all units (MLP neurons, or query heads) removed, in [0, 1).
         method: magnitude | wanda | topology (see the module docstring).
+        unit: neurons | heads: what is removed (see the module docstring).
         calibration_windows: calibration windows for the activation norms (null: all).
         batch_size: windows per calibration forward chunk.
         probe_sparsity: topology: rate at which each block is pruned to measure its
@@ -358,6 +431,7 @@ class StructuredPrune(Compressor):
         self,
         sparsity: float = 0.25,
         method: Literal["magnitude", "wanda", "topology"] = "wanda",
+        unit: Literal["neurons", "heads"] = "neurons",
         calibration_windows: int | None = 16,
         batch_size: int = 4,
         probe_sparsity: float | None = None,
@@ -382,6 +456,9 @@ class StructuredPrune(Compressor):
         if method not in METHODS:
             raise ConfigError("method", f"'{method}' is not one of {', '.join(METHODS)}")
         self.method = method
+        if unit not in UNITS:
+            raise ConfigError("unit", f"'{unit}' is not one of {', '.join(UNITS)}")
+        self.unit = unit
         if calibration_windows is not None and calibration_windows < 1:
             raise ConfigError(
                 "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
@@ -423,15 +500,15 @@ class StructuredPrune(Compressor):
 
     def scores(self, model: nn.Module, ctx: Context) -> list[torch.Tensor]:
         if self.method == "magnitude":
-            return magnitude_scores(model, ctx.arch)
+            return magnitude_scores(model, ctx.arch, self.unit)
         windows = ctx.calibration(self.calibration_windows)
-        norms = activation_norms(model, ctx.arch, windows, self.batch_size)
-        return wanda_scores(model, ctx.arch, norms)
+        norms = activation_norms(model, ctx.arch, windows, self.batch_size, self.unit)
+        return wanda_scores(model, ctx.arch, norms, self.unit)
 
     def counts(
         self, model: nn.Module, ctx: Context, scores: Sequence[torch.Tensor]
     ) -> tuple[list[int], list[dict[str, float]]]:
-        """Pruned neurons per block and the allocation table."""
+        """Pruned units per block and the allocation table."""
         widths = [s.numel() for s in scores]
         total = round(self.sparsity * sum(widths))
         if self.method != "topology" or total == 0:
@@ -453,6 +530,7 @@ class StructuredPrune(Compressor):
             self.workers,
             ctx.seed,
             ctx.track,
+            self.unit,
         )
         t = np.array([r["topo"] for r in rows])
         e = np.array([r["output_error"] for r in rows])
@@ -469,6 +547,7 @@ class StructuredPrune(Compressor):
     @torch.no_grad()
     def compress(self, model: nn.Module, ctx: Context) -> StageResult:
         arch = ctx.arch
+        units = units_of(model, arch, self.unit)
         was_training = model.training
         model.eval()
         try:
@@ -483,40 +562,46 @@ class StructuredPrune(Compressor):
         for b, (block, s, k) in enumerate(zip(blocks(model, arch), scores, counts, strict=True)):
             idx = torch.argsort(s, stable=True)[:k]
             pruned[str(b)] = sorted(int(i) for i in idx)
-            removed_params += prune_neurons(block, arch, idx)
+            removed_params += prune_units(block, units, idx)
         path = atomic_write_json(
-            ctx.stage_dir("prune") / "pruned_neurons.json",
-            {"method": self.method, "blocks": pruned},
+            ctx.stage_dir("prune") / f"pruned_{units.name}.json",
+            {"method": self.method, "unit": units.name, "blocks": pruned},
         )
-        # The container holds every tensor the pruning changed (the MLP projections of the
-        # blocks that lost neurons), raw and zero-filled: it decodes to the model's weights
-        # exactly. Its bits/weight stays 32; the saving is params_removed.
+        # The container holds every tensor the pruning changed (the unit's projections in
+        # the blocks that lost units), raw and zero-filled: it decodes to the model's
+        # weights exactly. Its bits/weight stays 32; the saving is params_removed.
         changed = {
             f"{arch.blocks}.{b}.{rel}.{kind}"
             for b, k in enumerate(counts)
             if k > 0
-            for rel in (*arch.mlp_in, arch.mlp_out)
+            for rel in (*units.ins, units.out)
             for kind in ("weight", "bias")
         }
         container = write_container(
             ctx.stage_dir("compressed"),
             {n: encode_raw(t) for n, t in model.state_dict().items() if n in changed},
-            meta={"method": f"prune-{self.method}", "sparsity": self.sparsity, "blocks": pruned},
+            meta={
+                "method": f"prune-{self.method}",
+                "unit": units.name,
+                "sparsity": self.sparsity,
+                "blocks": pruned,
+            },
         )
         widths = [s.numel() for s in scores]
         n_removed = sum(counts)
         log.info(
-            "prune (%s): %d of %d MLP neurons removed (%.1f%%), %.2fM parameters",
+            "prune (%s): %d of %d %s removed (%.1f%%), %.2fM parameters",
             self.method,
             n_removed,
             sum(widths),
+            units.label,
             100 * n_removed / sum(widths),
             removed_params / 1e6,
         )
         metrics: dict[str, float] = {
-            "neurons_total": float(sum(widths)),
-            "neurons_removed": float(n_removed),
-            "mlp_sparsity": n_removed / sum(widths),
+            f"{units.name}_total": float(sum(widths)),
+            f"{units.name}_removed": float(n_removed),
+            units.sparsity_key: n_removed / sum(widths),
             "params_removed": float(removed_params),
             "params_before": float(params_before),
             "params_after": float(params_before - removed_params),
@@ -526,24 +611,26 @@ class StructuredPrune(Compressor):
         }
         return StageResult(
             metrics=metrics,
-            artifacts={"compressed": container, "pruned_neurons": path},
+            artifacts={"compressed": container, f"pruned_{units.name}": path},
             tables={"allocation": table},
             model=model,
         )
 
 
-def prune_neurons(block: nn.Module, arch: ArchMap, idx: torch.Tensor) -> int:
-    """Zero neurons `idx` of a block's MLP; returns how many parameters that removes."""
-    ins, out = mlp_layers(block, arch)
+def prune_units(block: nn.Module, units: Units, idx: torch.Tensor) -> int:
+    """Zero units `idx` of a block (their rows and biases in the input projections, their
+    columns in the output projection); returns how many parameters that removes."""
+    ins, out = units.layers(block)
     if idx.numel() == 0:
         return 0
+    cols = units.columns(idx.cpu())
     removed = 0
     for layer in ins:
-        layer.weight.data[idx.to(layer.weight.device)] = 0.0
-        removed += idx.numel() * layer.weight.shape[1]
+        layer.weight.data[cols.to(layer.weight.device)] = 0.0
+        removed += cols.numel() * layer.weight.shape[1]
         if layer.bias is not None:
-            layer.bias.data[idx.to(layer.bias.device)] = 0.0
-            removed += idx.numel()
-    out.weight.data[:, idx.to(out.weight.device)] = 0.0
-    removed += idx.numel() * out.weight.shape[0]
+            layer.bias.data[cols.to(layer.bias.device)] = 0.0
+            removed += cols.numel()
+    out.weight.data[:, cols.to(out.weight.device)] = 0.0
+    removed += cols.numel() * out.weight.shape[0]
     return removed

@@ -1,8 +1,10 @@
-"""Structured MLP-neuron pruning: exact counts, the neurons each method picks, the topology
-probe's non-uniform allocation, and config errors. Tiny Llama (2 blocks x 176 neurons)."""
+"""Structured pruning of MLP neurons and attention heads: exact counts, exact removal, the
+units each method picks, the topology probe's non-uniform allocation, and config errors.
+Tiny Llama (2 blocks x 176 neurons, 4 query heads of 16 dims sharing 2 key/value heads)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -155,9 +157,161 @@ def test_allocate_is_exact_and_capped():
         ({"power": -1.0}, "power"),
         ({"sparsity": 0.5, "max_block_sparsity": 0.4}, "max_block_sparsity"),
         ({"observe_stride": 0}, "observe_stride"),
+        ({"unit": "channels"}, "unit"),
     ],
 )
 def test_bad_config_names_the_key(kwargs, key):
     with pytest.raises(ConfigError) as info:
         StructuredPrune(**kwargs)
     assert info.value.argument == key
+
+
+# ----------------------------------------------------------------------------------------
+# unit: heads
+# ----------------------------------------------------------------------------------------
+
+HEADS, HEAD_DIM = 4, 16  # the tiny fixture's query heads per block and their width
+
+
+def _cols(head: int) -> slice:
+    return slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
+
+
+def _zeroed_heads(model: torch.nn.Module, ctx: Context) -> list[set[int]]:
+    """Per block: the query heads whose q rows and o columns are all zero."""
+    out = []
+    for block in blocks(model, ctx.arch):
+        attn = block.self_attn
+        dead = (attn.o_proj.weight == 0).all(dim=0).reshape(HEADS, HEAD_DIM).all(dim=1)
+        dead &= (attn.q_proj.weight == 0).all(dim=1).reshape(HEADS, HEAD_DIM).all(dim=1)
+        out.append({int(i) for i in torch.nonzero(dead).flatten()})
+    return out
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "topology"])
+def test_heads_exact_fraction_removed(tiny, ctx, method):
+    model = tiny.model
+    kv_before = [
+        (b.self_attn.k_proj.weight.clone(), b.self_attn.v_proj.weight.clone())
+        for b in blocks(model, ctx.arch)
+    ]
+    plugin = StructuredPrune(sparsity=0.5, method=method, unit="heads", **FAST)
+    result = plugin.compress(model, ctx)
+    total = 4  # round(0.5 * 2 blocks x 4 heads)
+    zeroed = _zeroed_heads(model, ctx)
+    per_block = [row["pruned"] for row in result.tables["allocation"]]
+    assert [len(z) for z in zeroed] == per_block
+    assert sum(per_block) == total
+    assert result.metrics["heads_removed"] == total
+    assert result.metrics["heads_total"] == 8
+    assert result.metrics["head_sparsity"] == 0.5
+    # Per head: 16 q rows x 64 inputs + 64 outputs x 16 o columns; GQA's shared k/v stay.
+    assert result.metrics["params_removed"] == total * (16 * 64 + 64 * 16)
+    for block, (k, v) in zip(blocks(model, ctx.arch), kv_before, strict=True):
+        assert torch.equal(block.self_attn.k_proj.weight, k)
+        assert torch.equal(block.self_attn.v_proj.weight, v)
+    assert "pruned_neurons" not in result.artifacts
+    saved = json.loads(result.artifacts["pruned_heads"].read_text())
+    assert saved["unit"] == "heads"
+    assert [set(saved["blocks"][str(b)]) for b in range(2)] == zeroed
+    assert _zeroed(model, ctx) == [set(), set()]  # no MLP neuron touched
+
+
+def test_pruned_heads_are_an_exact_removal(tiny, ctx):
+    model = tiny.model
+    original = copy.deepcopy(model)
+    result = StructuredPrune(sparsity=0.25, method="magnitude", unit="heads").compress(model, ctx)
+    gone = json.loads(result.artifacts["pruned_heads"].read_text())["blocks"]
+    gone = {int(b): heads for b, heads in gone.items()}
+    assert sum(len(h) for h in gone.values()) == 2
+    ids = ctx.evaluation_windows
+
+    def logits(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(input_ids=ids).logits
+
+    # (a) only the o_proj columns that read the heads zeroed
+    o_only = copy.deepcopy(original)
+    # (b) only the q rows zeroed: the head's attention turns uniform, it is not removed
+    q_only = copy.deepcopy(original)
+    with torch.no_grad():
+        for b, heads in gone.items():
+            for h in heads:
+                blocks(o_only, ctx.arch)[b].self_attn.o_proj.weight[:, _cols(h)] = 0.0
+                blocks(q_only, ctx.arch)[b].self_attn.q_proj.weight[_cols(h)] = 0.0
+
+    # (c) the unpruned model with the heads' outputs (o_proj's input slices) hooked to zero
+    def silence(heads: list[int]):
+        def fn(_module, args):
+            x = args[0].clone()
+            for h in heads:
+                x[..., _cols(h)] = 0.0
+            return (x, *args[1:])
+
+        return fn
+
+    hooked = [
+        blocks(original, ctx.arch)[b].self_attn.o_proj.register_forward_pre_hook(silence(h))
+        for b, h in gone.items()
+    ]
+    try:
+        silenced = logits(original)
+    finally:
+        for handle in hooked:
+            handle.remove()
+    pruned = logits(model)
+    torch.testing.assert_close(pruned, logits(o_only), rtol=0.0, atol=1e-6)
+    torch.testing.assert_close(pruned, silenced, rtol=0.0, atol=1e-6)
+    assert not torch.allclose(pruned, logits(original), atol=1e-4)
+    assert not torch.allclose(logits(q_only), pruned, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_heads_with_silenced_output_go_first(tiny, ctx, method):
+    model = tiny.model
+    chosen = [2, 1]  # per block
+    with torch.no_grad():
+        for block, h in zip(blocks(model, ctx.arch), chosen, strict=True):
+            block.self_attn.o_proj.weight[:, _cols(h)] *= 1e-4
+    StructuredPrune(sparsity=0.25, method=method, unit="heads").compress(model, ctx)
+    assert _zeroed_heads(model, ctx) == [{h} for h in chosen]
+
+
+def test_head_wanda_uses_head_outputs(tiny, ctx):
+    model = tiny.model
+    attn = blocks(model, ctx.arch)[0].self_attn
+    loud, quiet = 0, 2  # loud reads key/value head 0, quiet key/value head 1
+    with torch.no_grad():
+        # Both heads get tiny o columns; `loud`'s values (hence output) are 100x larger.
+        attn.o_proj.weight[:, _cols(loud)] *= 0.02
+        attn.o_proj.weight[:, _cols(quiet)] *= 0.02
+        attn.v_proj.weight[_cols(0)] *= 100.0
+    plugin = StructuredPrune(sparsity=0.25, method="wanda", unit="heads")
+    scores = plugin.scores(model, ctx)
+    seen = []
+    handle = attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ctx.calibration(plugin.calibration_windows))
+    handle.remove()
+    out = torch.cat([s.reshape(-1, HEADS, HEAD_DIM) for s in seen])
+    w = attn.o_proj.weight.reshape(-1, HEADS, HEAD_DIM)
+    expected = w.pow(2).sum(dim=(0, 2)).sqrt() * out.pow(2).sum(dim=(0, 2)).sqrt()
+    torch.testing.assert_close(scores[0], expected, rtol=1e-4, atol=1e-6)
+    plugin.compress(model, ctx)
+    assert _zeroed_heads(model, ctx)[0] == {quiet}
+
+
+def test_head_topology_allocation_follows_block_sensitivity(tiny, ctx):
+    model = tiny.model
+    with torch.no_grad():
+        blocks(model, ctx.arch)[0].self_attn.o_proj.weight *= 10.0
+        blocks(model, ctx.arch)[1].self_attn.o_proj.weight *= 0.1
+    plugin = StructuredPrune(
+        sparsity=0.5, method="topology", unit="heads", topology_weight=1.0, **FAST
+    )
+    rows = plugin.compress(model, ctx).tables["allocation"]
+    assert rows[0]["topo"] > rows[1]["topo"] > 0.0
+    counts = [row["pruned"] for row in rows]
+    assert sum(counts) == 4
+    assert counts[0] < counts[1]
+    assert [len(z) for z in _zeroed_heads(model, ctx)] == counts
