@@ -1,10 +1,17 @@
 """Calibration plumbing shared by block-by-block compressors (GPTQ, structured pruning):
 run the model up to its first block once per chunk of windows, keep what that block
-receives, then feed blocks one at a time without re-running the embedding."""
+receives, then feed blocks one at a time without re-running the embedding.
+
+The block's activations ([windows, seq, hidden] floats: 151 MB for SmolLM2 with the
+protocol's 128 windows of 512 tokens) live in memory by default, or in a file
+(DiskActivations) when the run must hold no more than one chunk of windows at a time."""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,9 +28,73 @@ def first_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
+class DiskActivations:
+    """A [windows, ...] tensor kept in a file, read and written a slice of windows at a time.
+
+    Only the slice being used is resident: the file goes through the page cache, which the
+    kernel reclaims under pressure and which is not counted in the process's RSS. Indexing
+    takes a slice of windows (step 1), like the in-memory tensor it stands in for; reads
+    return a fresh tensor on `device`. The file is created empty (0600) and removed by
+    close()."""
+
+    def __init__(
+        self, path: Path, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ):
+        self.path, self.shape, self.dtype, self.device = Path(path), tuple(shape), dtype, device
+        self._row_bytes = math.prod(self.shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.ftruncate(self._fd, self._row_bytes * self.shape[0])
+
+    def _span(self, rows: slice) -> tuple[int, int]:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("DiskActivations: only contiguous slices of windows")
+        return start, max(stop - start, 0)
+
+    def _bytes(self, t: torch.Tensor) -> memoryview:
+        return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, n = self._span(rows)
+        out = torch.empty((n, *self.shape[1:]), dtype=self.dtype)
+        view, offset, done = self._bytes(out.reshape(-1)), start * self._row_bytes, 0
+        while done < len(view):  # a regular file may still return a short read
+            got = os.preadv(self._require_open(), [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: short read at byte {offset + done}")
+            done += got
+        return out.to(self.device)
+
+    def __setitem__(self, rows: slice, value: torch.Tensor) -> None:
+        start, n = self._span(rows)
+        if tuple(value.shape) != (n, *self.shape[1:]):
+            raise ValueError(f"DiskActivations: {tuple(value.shape)} into rows {start}:{start + n}")
+        data = value.detach().to("cpu", self.dtype).contiguous().reshape(-1)
+        view, offset, done = self._bytes(data), start * self._row_bytes, 0
+        while done < len(view):
+            done += os.pwrite(self._require_open(), view[done:], offset + done)
+
+    def _require_open(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: activations file already closed")
+        return self._fd
+
+    def empty_like(self, path: Path) -> DiskActivations:
+        return DiskActivations(path, self.shape, self.dtype, self.device)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self.path.unlink(missing_ok=True)
+
+
+Activations = torch.Tensor | DiskActivations
+
+
 @dataclass
 class BlockInputs:
-    hidden: torch.Tensor  # [windows, seq, hidden], overwritten in place by each block's outputs
+    hidden: Activations  # [windows, seq, hidden], overwritten in place by each block's outputs
     calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]]  # per chunk: rows, args, kwargs
 
 
@@ -33,9 +104,11 @@ def capture_block_inputs(
     windows: torch.Tensor,
     batch_size: int,
     device: torch.device,
+    offload_to: Path | None = None,
 ) -> BlockInputs:
     """Run the model up to its first block on each chunk of windows and keep what the
-    block receives (hidden states, other positional args, keyword args)."""
+    block receives (hidden states, other positional args, keyword args). With `offload_to`
+    (a file that must not exist yet) the hidden states go to a DiskActivations there."""
     seen: dict[str, Any] = {}
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -47,7 +120,7 @@ def capture_block_inputs(
         seen.update(x=x.detach(), args=rest, kwargs=kwargs)
         raise StopForward
 
-    hidden: torch.Tensor | None = None
+    hidden: Activations | None = None
     calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]] = []
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -61,7 +134,11 @@ def capture_block_inputs(
                 raise SculptError("model: the forward pass never reached its first block")
             x = seen["x"]
             if hidden is None:
-                hidden = torch.empty((windows.shape[0], *x.shape[1:]), dtype=x.dtype, device=device)
+                shape = (windows.shape[0], *x.shape[1:])
+                if offload_to is None:
+                    hidden = torch.empty(shape, dtype=x.dtype, device=device)
+                else:
+                    hidden = DiskActivations(offload_to, shape, x.dtype, device)
             hidden[rows] = x
             calls.append((rows, seen["args"], seen["kwargs"]))
     finally:

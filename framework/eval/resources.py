@@ -31,10 +31,17 @@ def rss_bytes() -> int:
 class Measurement:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    # Resident memory when the work began: peak - start is what the work itself added on
+    # top of whatever the process already held (the model, the runner's caches).
+    start_rss_mb: float = 0.0
     peak_cuda_mb: float | None = None
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
-        out = {f"{prefix}seconds": self.seconds, f"{prefix}peak_rss_mb": self.peak_rss_mb}
+        out = {
+            f"{prefix}seconds": self.seconds,
+            f"{prefix}peak_rss_mb": self.peak_rss_mb,
+            f"{prefix}start_rss_mb": self.start_rss_mb,
+        }
         if self.peak_cuda_mb is not None:
             out[f"{prefix}peak_cuda_mb"] = self.peak_cuda_mb
         return out
@@ -44,6 +51,7 @@ class Measurement:
 def measure(interval: float = 0.05) -> Iterator[Measurement]:
     result = Measurement()
     peak = [rss_bytes()]
+    result.start_rss_mb = peak[0] / 2**20
     stop = threading.Event()
 
     def sample() -> None:

@@ -35,16 +35,20 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from framework.calibration import (
+    Activations,
     BlockInputs,
+    DiskActivations,
     StopForward,
     capture_block_inputs,
     first_output,
@@ -300,7 +304,7 @@ def _accumulate_hessians(
     block: nn.Module,
     layers: dict[str, nn.Linear],
     inputs: BlockInputs,
-    outputs: torch.Tensor | None = None,
+    outputs: Activations | None = None,
 ) -> dict[str, torch.Tensor]:
     """H = 2 X^T X / tokens for each layer, from one pass of the block over the inputs.
     Without `outputs` the pass stops as soon as every layer has seen its input; with it the
@@ -377,12 +381,53 @@ def quantize_sequentially(
     true_sequential: bool,
     quantized_inputs: bool,
     description: str,
+    offload_activations: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """GPTQ's sequential calibration (see the module docstring), with the per-layer step
     left to the caller: quantize_into(layer, hessian) writes the decoded weights into the
     layer and returns (container entry, stats row). Shared with QuIP (plugins.compressors
-    .quip), which codes differently but calibrates the same way. -> (entries by parameter
-    name, one stats row per layer with its name and role added)."""
+    .quip), which codes differently but calibrates the same way. With offload_activations
+    the block activations live in files under a temporary folder of the run's output (removed
+    at the end, also on failure). -> (entries by parameter name, one stats row per layer
+    with its name and role added)."""
+    if offload_activations:
+        Path(ctx.output_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".activations-", dir=ctx.output_dir) as tmp:
+            return _quantize_sequentially(
+                model,
+                ctx,
+                windows,
+                quantize_into,
+                batch_size,
+                true_sequential,
+                quantized_inputs,
+                description,
+                Path(tmp),
+            )
+    return _quantize_sequentially(
+        model,
+        ctx,
+        windows,
+        quantize_into,
+        batch_size,
+        true_sequential,
+        quantized_inputs,
+        description,
+        None,
+    )
+
+
+def _quantize_sequentially(
+    model: nn.Module,
+    ctx: Context,
+    windows: torch.Tensor,
+    quantize_into: QuantizeInto,
+    batch_size: int,
+    true_sequential: bool,
+    quantized_inputs: bool,
+    description: str,
+    offload_dir: Path | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     arch = ctx.arch
     names = {id(layer): name for name, layer in block_linears(model, arch).items()}
     block_list = blocks(model, arch)
@@ -391,16 +436,28 @@ def quantize_sequentially(
     model.eval()
     encoded: dict[str, Any] = {}
     rows_out: list[dict[str, Any]] = []
+    files = (
+        (offload_dir / f"block{i}.bin" for i in range(len(block_list) + 1)) if offload_dir else None
+    )
+    inputs: BlockInputs | None = None
     try:
-        inputs = capture_block_inputs(model, block_list[0], windows, batch_size, device)
+        inputs = capture_block_inputs(
+            model, block_list[0], windows, batch_size, device, next(files) if files else None
+        )
         groups = sequential_groups(arch, true_sequential)
         for block in ctx.track(list(block_list), description=description):
-            outputs = None
+            outputs: Activations | None = None
             if not quantized_inputs:
                 # The block's outputs before any of its weights change are the next
                 # block's inputs: taken from the first Hessian pass (in place when it is
                 # the only pass over these inputs).
-                outputs = inputs.hidden if len(groups) == 1 else torch.empty_like(inputs.hidden)
+                if len(groups) == 1:
+                    outputs = inputs.hidden
+                elif isinstance(inputs.hidden, DiskActivations):
+                    assert files is not None
+                    outputs = inputs.hidden.empty_like(next(files))
+                else:
+                    outputs = torch.empty_like(inputs.hidden)
             for i, group in enumerate(groups):
                 layers = {rel: block.get_submodule(rel) for rel in group}
                 hessians = _accumulate_hessians(
@@ -412,10 +469,13 @@ def quantize_sequentially(
                     rows_out.append({"layer": name, "role": rel, **row})
             if outputs is None:
                 _run_block(block, inputs, write=True)
-            else:
+            elif outputs is not inputs.hidden:
+                if isinstance(inputs.hidden, DiskActivations):
+                    inputs.hidden.close()
                 inputs.hidden = outputs
-        del inputs
     finally:
+        if inputs is not None and isinstance(inputs.hidden, DiskActivations):
+            inputs.hidden.close()
         model.train(was_training)
     return encoded, rows_out
 
@@ -423,6 +483,21 @@ def quantize_sequentially(
 # ----------------------------------------------------------------------------------------
 # The plugin
 # ----------------------------------------------------------------------------------------
+
+
+def check_calibration_args(damp: float, calibration_windows: int | None, batch_size: int) -> None:
+    """The arguments every Hessian-calibrated quantizer (GPTQ, QuIP, the peer's GPTQ) takes
+    alike; a ConfigError names the first bad one."""
+    if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
+        raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
+    if calibration_windows is not None and (
+        type(calibration_windows) is not int or calibration_windows < 1
+    ):
+        raise ConfigError(
+            "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
+        )
+    if type(batch_size) is not int or batch_size < 1:
+        raise ConfigError("batch_size", f"{batch_size} must be an integer >= 1")
 
 
 class GPTQ(Compressor):
@@ -447,6 +522,9 @@ class GPTQ(Compressor):
             them); false: on the original model's activations, one pass per block.
         calibration_windows: how many of the run's calibration windows to use (null: all).
         batch_size: calibration windows per forward chunk (bounds activation memory).
+        offload_activations: keep the block's calibration activations in a temporary file
+            of the run folder instead of memory ([windows, seq, hidden] floats; only a chunk
+            of batch_size windows is resident), for one write and one read per pass.
     """
 
     needs_calibration = True
@@ -464,18 +542,12 @@ class GPTQ(Compressor):
         quantized_inputs: bool = True,
         calibration_windows: int | None = None,
         batch_size: int = 8,
+        offload_activations: bool = False,
     ):
         check_grid_args(bits, group_size)
-        if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
-            raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
+        check_calibration_args(damp, calibration_windows, batch_size)
         if block_size < 1:
             raise ConfigError("block_size", f"{block_size} must be >= 1")
-        if calibration_windows is not None and calibration_windows < 1:
-            raise ConfigError(
-                "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
-            )
-        if batch_size < 1:
-            raise ConfigError("batch_size", f"{batch_size} must be >= 1")
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
         self.damp = float(damp)
         self.block_size = block_size
@@ -485,6 +557,7 @@ class GPTQ(Compressor):
         self.quantized_inputs = quantized_inputs
         self.calibration_windows = calibration_windows
         self.batch_size = batch_size
+        self.offload_activations = bool(offload_activations)
 
     def quantize_layer(self, weight: torch.Tensor, hessian: torch.Tensor) -> GPTQLayerResult:
         return gptq_quantize(
@@ -513,6 +586,7 @@ class GPTQ(Compressor):
             true_sequential=self.true_sequential,
             quantized_inputs=self.quantized_inputs,
             description="gptq blocks",
+            offload_activations=self.offload_activations,
         )
 
         meta = {

@@ -29,7 +29,6 @@ import importlib.util
 import inspect
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from framework.codecs.uniform import UniformGrid, encode
 from framework.errors import ConfigError, SculptError
 from framework.models import block_linears
 from framework.plugins import Compressor, Context, StageResult
+from plugins.compressors.gptq import check_calibration_args
 from plugins.compressors.rtn import Quantized, check_grid_args
 
 log = logging.getLogger("sculpt")
@@ -99,6 +99,8 @@ def _peer_env() -> dict[str, str]:
 
 def _peer_worker(job_dir: str) -> None:  # pragma: no cover - runs in the peer's venv
     import json
+    import os
+    import resource
     import time
     from importlib.metadata import version
     from pathlib import Path
@@ -119,6 +121,8 @@ def _peer_worker(job_dir: str) -> None:  # pragma: no cover - runs in the peer's
     tokenizer = AutoTokenizer.from_pretrained(job / "model")
     windows = load_file(job / "calibration.safetensors")["input_ids"]
     load_seconds = time.perf_counter() - t_load
+    with open("/proc/self/statm") as statm:  # resident pages once the model is loaded
+        loaded_rss_mb = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     # Already tokenized windows: llm-compressor takes an input_ids column as is. In order
     # and unshuffled, so the peer sees exactly the windows our compressors see.
@@ -154,6 +158,7 @@ def _peer_worker(job_dir: str) -> None:  # pragma: no cover - runs in the peer's
         batch_size=spec["batch_size"],
     )
     seconds = time.perf_counter() - t0
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     half = 1 << (spec["bits"] - 1)
     out: dict[str, torch.Tensor] = {}
@@ -184,6 +189,8 @@ def _peer_worker(job_dir: str) -> None:  # pragma: no cover - runs in the peer's
     summary = {
         "seconds": seconds,
         "load_seconds": load_seconds,
+        "loaded_rss_mb": loaded_rss_mb,
+        "peak_rss_mb": peak_rss_mb,
         "layers": layers,
         "rtn_fallback": list(getattr(modifier, "_rtn_fallback_module_names", []) or []),
         "versions": {
@@ -238,20 +245,13 @@ class PeerGPTQ(Compressor):
         timeout_s: float | None = None,
     ):
         check_grid_args(bits, group_size)
-        if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
-            raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
+        check_calibration_args(damp, calibration_windows, batch_size)
         if block_size < 1:
             raise ConfigError("block_size", f"{block_size} must be >= 1")
         if actorder not in _ACTORDERS:
             raise ConfigError(
                 "actorder", f"{actorder!r} is not one of 'static', null (see the docstring)"
             )
-        if calibration_windows is not None and calibration_windows < 1:
-            raise ConfigError(
-                "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
-            )
-        if batch_size < 1:
-            raise ConfigError("batch_size", f"{batch_size} must be >= 1")
         if timeout_s is not None and timeout_s <= 0:
             raise ConfigError("timeout_s", f"{timeout_s} must be > 0 (or null)")
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=True)
@@ -357,6 +357,11 @@ class PeerGPTQ(Compressor):
             "nominal_bits": float(self.grid.bits),
             "peer_seconds": float(summary["seconds"]),
             "peer_load_seconds": float(summary["load_seconds"]),
+            # The peer process's own memory: resident after loading the model, and its
+            # lifetime peak (loading and GPTQ), comparable with our stage's
+            # peak_rss_mb - start_rss_mb on top of a loaded model.
+            "peer_loaded_rss_mb": float(summary.get("loaded_rss_mb", float("nan"))),
+            "peer_peak_rss_mb": float(summary.get("peak_rss_mb", float("nan"))),
             "peer_total_seconds": total_seconds,
             "peer_rtn_fallback_layers": float(len(summary["rtn_fallback"])),
             "peer_max_abs_diff": max((r["peer_max_abs_diff"] for r in rows_out), default=0.0),

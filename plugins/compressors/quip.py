@@ -66,6 +66,7 @@ from plugins.compressors.gptq import (
     _by_role,
     _inverse_cholesky,
     _threads,
+    check_calibration_args,
     quantize_sequentially,
     relative_output_errors,
 )
@@ -162,8 +163,8 @@ class QuIP(Compressor):
         feedback: LDLQ error feedback; false codes every vector to its nearest point (the
             incoherence-only baseline).
         seed: rotation seed; each tensor's seed mixes it with the tensor's name.
-        true_sequential, quantized_inputs, calibration_windows, batch_size: the sequential
-            calibration, as for GPTQ.
+        true_sequential, quantized_inputs, calibration_windows, batch_size,
+            offload_activations: the sequential calibration, as for GPTQ.
     """
 
     needs_calibration = True
@@ -182,6 +183,7 @@ class QuIP(Compressor):
         quantized_inputs: bool = True,
         calibration_windows: int | None = None,
         batch_size: int = 8,
+        offload_activations: bool = False,
     ):
         if type(bits) is not int:
             raise ConfigError("bits", f"{bits!r} must be an integer")
@@ -193,18 +195,11 @@ class QuIP(Compressor):
             raise ConfigError(key, detail)
         if rotation not in ("hadamard", "orthogonal", "none"):
             raise ConfigError("rotation", f"'{rotation}' is not one of hadamard, orthogonal, none")
-        if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
-            raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
+        check_calibration_args(damp, calibration_windows, batch_size)
         if type(block_size) is not int or block_size < 1:
             raise ConfigError("block_size", f"{block_size} must be an integer >= 1")
         if type(seed) is not int or seed < 0:
             raise ConfigError("seed", f"{seed!r} must be an integer >= 0")
-        if calibration_windows is not None and calibration_windows < 1:
-            raise ConfigError(
-                "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
-            )
-        if batch_size < 1:
-            raise ConfigError("batch_size", f"{batch_size} must be >= 1")
         self.bits = bits
         self.codebook = codebook
         self.group_size = group_size
@@ -217,6 +212,7 @@ class QuIP(Compressor):
         self.quantized_inputs = quantized_inputs
         self.calibration_windows = calibration_windows
         self.batch_size = batch_size
+        self.offload_activations = bool(offload_activations)
 
     @property
     def book(self) -> Codebook:
@@ -242,6 +238,7 @@ class QuIP(Compressor):
             true_sequential=self.true_sequential,
             quantized_inputs=self.quantized_inputs,
             description="quip blocks",
+            offload_activations=self.offload_activations,
         )
         bounds = [{"tensor": r["layer"], **r.pop("_bound")} for r in rows_out]
         sizes = [r.pop("_numel") for r in rows_out]

@@ -320,6 +320,25 @@ def test_chunking_does_not_change_the_result(tiny, calibration, tmp_path):
         assert float((layer.weight.data == other).float().mean()) > 0.99, name
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"quantized_inputs": False, "true_sequential": True}],
+    ids=["quantized_inputs", "original_inputs-true_sequential"],
+)
+def test_offloaded_activations_give_the_same_model(tiny, calibration, tmp_path, kwargs):
+    """Activations kept in files instead of memory: the same floats go through the same
+    blocks, so the same codes, bit for bit; the files are gone afterwards."""
+    args = {"bits": 3, "group_size": 32, "calibration_windows": 7, "batch_size": 3, **kwargs}
+    mem, _ = _compress(GPTQ(**args), tiny, calibration, tmp_path / "memory")
+    disk, result = _compress(
+        GPTQ(**args, offload_activations=True), tiny, calibration, tmp_path / "disk"
+    )
+    _assert_decodes_to_model(disk, tiny, result)
+    for name, layer in block_linears(mem, tiny.arch).items():
+        assert torch.equal(layer.weight.data, disk.get_submodule(name).weight.data), name
+    assert not list((tmp_path / "disk").glob(".activations-*"))
+
+
 def test_lowers_kl_versus_rtn(tiny, calibration, evaluation, gptq3, tmp_path):
     """The whole pipeline: at 3 bits on the same grid, GPTQ's model is closer to the
     reference than RTN's on held-out text (KL and the last hidden state)."""
@@ -353,6 +372,8 @@ def test_lowers_kl_versus_rtn(tiny, calibration, evaluation, gptq3, tmp_path):
         ({"block_size": 0}, "block_size"),
         ({"calibration_windows": 0}, "calibration_windows"),
         ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"calibration_windows": 1.5}, "calibration_windows"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, argument):

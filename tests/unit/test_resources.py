@@ -32,6 +32,9 @@ def test_peak_rss_sees_a_transient_allocation() -> None:
     after = rss_bytes() / MB
     assert m.peak_rss_mb - before > 150, (before, m.peak_rss_mb)
     assert m.peak_rss_mb - after > 150, (after, m.peak_rss_mb)  # freed: a peak, not the end
+    # What the block added on top of what the process held when it began.
+    assert abs(m.start_rss_mb - before) < 50
+    assert m.peak_rss_mb - m.start_rss_mb > 150
 
 
 def test_peak_rss_without_allocation_stays_flat() -> None:
@@ -48,4 +51,5 @@ def test_as_metrics() -> None:
     metrics = m.as_metrics("eval_")
     assert metrics["eval_seconds"] == m.seconds
     assert metrics["eval_peak_rss_mb"] == m.peak_rss_mb > 0
+    assert metrics["eval_start_rss_mb"] == m.start_rss_mb > 0
     assert set(m.as_metrics()) >= {"seconds", "peak_rss_mb"}

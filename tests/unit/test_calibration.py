@@ -1,0 +1,71 @@
+"""framework.calibration: block inputs captured once, and the file-backed activations that
+stand in for them when memory is short."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from framework.calibration import DiskActivations, capture_block_inputs
+from framework.eval import measure
+from framework.models import blocks
+
+MB = 2**20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_disk_activations_round_trip(tmp_path, dtype) -> None:
+    store = DiskActivations(tmp_path / "a.bin", (7, 5, 3), dtype, torch.device("cpu"))
+    data = torch.randn(7, 5, 3).to(dtype)
+    store[slice(6, 7)] = data[6:7]  # chunks 3 + 3 + 1, written out of order
+    store[slice(0, 3)] = data[0:3]
+    store[slice(3, 6)] = data[3:6]
+    assert torch.equal(store[slice(0, 7)], data)
+    assert torch.equal(store[slice(2, 5)], data[2:5])
+    assert store[slice(2, 5)].dtype == dtype
+    assert (tmp_path / "a.bin").stat().st_size == data.numel() * data.element_size()
+    store.close()
+    assert not (tmp_path / "a.bin").exists()
+    store.close()  # twice is harmless
+
+
+def test_disk_activations_refuse_what_they_cannot_hold(tmp_path) -> None:
+    store = DiskActivations(tmp_path / "a.bin", (4, 2), torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="contiguous"):
+        store[slice(0, 4, 2)]
+    with pytest.raises(ValueError, match=r"\(3, 2\) into rows 0:2"):
+        store[slice(0, 2)] = torch.zeros(3, 2)
+    with pytest.raises(FileExistsError):  # never writes over a file that is there
+        DiskActivations(tmp_path / "a.bin", (4, 2), torch.float32, torch.device("cpu"))
+    store.close()
+    with pytest.raises(ValueError, match="closed"):
+        store[slice(0, 1)]
+
+
+def test_disk_activations_keep_resident_memory_to_one_chunk(tmp_path) -> None:
+    """256 MB written and read back 8 MB at a time: the process holds about a chunk, not
+    the whole (an in-memory tensor of the same shape would add 256 MB)."""
+    rows, per_row = 32, 8 * MB // 4
+    store = DiskActivations(tmp_path / "a.bin", (rows, per_row), torch.float32, torch.device("cpu"))
+    with measure(interval=0.005) as m:
+        for r in range(rows):
+            store[slice(r, r + 1)] = torch.full((1, per_row), float(r))
+        total = sum(float(store[slice(r, r + 1)][0, -1]) for r in range(rows))
+    store.close()
+    assert total == sum(range(rows))
+    assert m.peak_rss_mb - m.start_rss_mb < 64, (m.start_rss_mb, m.peak_rss_mb)
+
+
+def test_capture_offloaded_equals_in_memory(tiny, tmp_path) -> None:
+    windows = torch.tensor(np.random.default_rng(0).integers(0, 200, size=(5, 16)))
+    first = blocks(tiny.model, tiny.arch)[0]
+    with torch.no_grad():
+        mem = capture_block_inputs(tiny.model, first, windows, 2, torch.device("cpu"))
+        disk = capture_block_inputs(
+            tiny.model, first, windows, 2, torch.device("cpu"), offload_to=tmp_path / "h.bin"
+        )
+    assert isinstance(disk.hidden, DiskActivations)
+    assert torch.equal(disk.hidden[slice(0, 5)], mem.hidden)
+    assert [rows for rows, _, _ in disk.calls] == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    disk.hidden.close()
