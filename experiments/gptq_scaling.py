@@ -6,6 +6,11 @@ of time against the number of quantized weights, and writes them as JSON (atomic
 
     .venv/bin/python experiments/gptq_scaling.py --windows 16 --out outputs/gptq_scaling.json
 
+Memory: each row also reports the process's resident memory once the model and windows
+are loaded and its peak during GPTQ (sampled, framework.eval.measure), beside the fp32
+size of the model's parameters; `--offload` keeps the block activations in a file
+(compressor.offload_activations), `--batch-size` sets the windows per forward chunk.
+
 Why the slope need not be 1: per layer, the Hessian costs tokens x d_in^2 and the solve
 rows x d_in^2 + d_in^3, so at a fixed token count the time grows like weights x d_in, a
 little faster than the weight count when the models also get wider. The tiny and mid-size
@@ -21,13 +26,14 @@ import math
 import platform
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from framework.data import WindowSpec, make_windows, tokenize
 from framework.data.sources import shakespeare
+from framework.eval import measure
+from framework.eval.resources import rss_bytes
 from framework.io import atomic_write_text
 from framework.models import block_linears, build_tiny_llama, load_packaged
 from framework.plugins import Context
@@ -42,7 +48,9 @@ SIZES = {
 }
 
 
-def time_gptq(name: str, windows: int, seq_len: int, bits: int, group: int) -> dict:
+def time_gptq(
+    name: str, windows: int, seq_len: int, bits: int, group: int, offload: bool, batch_size: int
+) -> dict:
     loaded = SIZES[name]()
     ids = tokenize(loaded.tokenizer, shakespeare()[:2_000_000])
     cal = make_windows(ids, WindowSpec(source="", windows=windows, seq_len=seq_len), "cal")
@@ -57,16 +65,24 @@ def time_gptq(name: str, windows: int, seq_len: int, bits: int, group: int) -> d
             output_dir=Path(tmp),
             calibration_loader=lambda: cal,
         )
-        start = time.perf_counter()
-        GPTQ(bits=bits, group_size=g).quantize(loaded.model, ctx)
-        seconds = time.perf_counter() - start
+        loaded_rss_mb = rss_bytes() / 2**20
+        gptq = GPTQ(bits=bits, group_size=g, offload_activations=offload, batch_size=batch_size)
+        with measure() as m:
+            gptq.quantize(loaded.model, ctx)
+    model_mb = sum(p.numel() * 4 for p in loaded.model.parameters()) / 2**20
     return {
         "model": name,
         "quantized_weights": weights,
         "hidden": hidden,
         "layers": loaded.model.config.num_hidden_layers,
         "group_size": g,
-        "seconds": seconds,
+        "seconds": m.seconds,
+        "offload_activations": offload,
+        "batch_size": batch_size,
+        "fp32_model_mb": model_mb,
+        "loaded_rss_mb": loaded_rss_mb,
+        "peak_rss_mb": m.peak_rss_mb,
+        "added_rss_mb": m.peak_rss_mb - m.start_rss_mb,
     }
 
 
@@ -86,6 +102,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=192)
+    ap.add_argument("--offload", action="store_true", help="block activations in a file")
+    ap.add_argument("--batch-size", type=int, default=8, help="windows per forward chunk")
     ap.add_argument("--out", type=Path, default=Path("outputs/gptq_scaling.json"))
     args = ap.parse_args()
     names = [s for s in args.sizes.split(",") if s]
@@ -94,11 +112,22 @@ def main() -> None:
         raise SystemExit(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
     rows = []
     for name in names:
-        row = time_gptq(name, args.windows, args.seq_len, args.bits, args.group_size)
+        row = time_gptq(
+            name,
+            args.windows,
+            args.seq_len,
+            args.bits,
+            args.group_size,
+            args.offload,
+            args.batch_size,
+        )
         rows.append(row)
         print(
             f"{name:8s} {row['quantized_weights']:>12,d} weights  hidden {row['hidden']:4d}  "
-            f"{row['seconds']:8.1f} s",
+            f"{row['seconds']:8.1f} s  fp32 model {row['fp32_model_mb']:6.0f} MiB  RSS loaded "
+            f"{row['loaded_rss_mb']:6.0f}, peak {row['peak_rss_mb']:6.0f} MiB "
+            f"(x{row['peak_rss_mb'] / row['fp32_model_mb']:.2f} the model; GPTQ added "
+            f"{row['added_rss_mb']:.0f})",
             flush=True,
         )
     slope = loglog_slope(rows) if len(rows) >= 2 else float("nan")
