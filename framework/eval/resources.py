@@ -30,6 +30,10 @@ def rss_bytes() -> int:
 @dataclass
 class Measurement:
     seconds: float = 0.0
+    # CPU time of the whole process (all its threads) over the block: unlike wall time it
+    # barely moves when other jobs share the cores, so runs made under different loads
+    # compare on it.
+    cpu_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     # Resident memory when the work began: peak - start is what the work itself added on
     # top of whatever the process already held (the model, the runner's caches).
@@ -39,6 +43,7 @@ class Measurement:
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
         out = {
             f"{prefix}seconds": self.seconds,
+            f"{prefix}cpu_seconds": self.cpu_seconds,
             f"{prefix}peak_rss_mb": self.peak_rss_mb,
             f"{prefix}start_rss_mb": self.start_rss_mb,
         }
@@ -63,6 +68,7 @@ def measure(interval: float = 0.05) -> Iterator[Measurement]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    cpu_start = time.process_time()
     thread.start()
     try:
         yield result
@@ -71,6 +77,7 @@ def measure(interval: float = 0.05) -> Iterator[Measurement]:
         thread.join()
         peak[0] = max(peak[0], rss_bytes())
         result.seconds = time.perf_counter() - start
+        result.cpu_seconds = time.process_time() - cpu_start
         result.peak_rss_mb = peak[0] / 2**20
         if cuda:
             result.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20

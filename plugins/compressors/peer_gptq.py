@@ -146,7 +146,7 @@ def _peer_worker(job_dir: str) -> None:  # pragma: no cover - runs in the peer's
         dampening_frac=spec["damp"],
         **({"actorder": None} if spec["actorder"] is None else {}),
     )
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     oneshot(
         model=model,
         processor=tokenizer,
@@ -157,7 +157,7 @@ def _peer_worker(job_dir: str) -> None:  # pragma: no cover - runs in the peer's
         shuffle_calibration_samples=False,
         batch_size=spec["batch_size"],
     )
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     half = 1 << (spec["bits"] - 1)
@@ -188,6 +188,7 @@ def _peer_worker(job_dir: str) -> None:  # pragma: no cover - runs in the peer's
     save_file(out, str(job / "result.safetensors"))
     summary = {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "load_seconds": load_seconds,
         "loaded_rss_mb": loaded_rss_mb,
         "peak_rss_mb": peak_rss_mb,
@@ -356,6 +357,9 @@ class PeerGPTQ(Compressor):
             "weight_relative_mse": sq_err / max(sq_norm, 1e-30),
             "nominal_bits": float(self.grid.bits),
             "peer_seconds": float(summary["seconds"]),
+            # Its GPTQ's CPU time (oneshot only), comparable with our stages' cpu_seconds
+            # when the two ran under different loads.
+            "peer_cpu_seconds": float(summary.get("cpu_seconds", float("nan"))),
             "peer_load_seconds": float(summary["load_seconds"]),
             # The peer process's own memory: resident after loading the model, and its
             # lifetime peak (loading and GPTQ), comparable with our stage's

@@ -21,6 +21,17 @@ def test_seconds() -> None:
     assert 0 < quick.seconds < m.seconds
 
 
+def test_cpu_seconds_count_work_not_waiting() -> None:
+    with measure() as idle:
+        time.sleep(0.3)
+    with measure() as busy:
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            pass
+    assert idle.cpu_seconds < 0.1, idle.cpu_seconds
+    assert busy.cpu_seconds > 0.15, busy.cpu_seconds
+
+
 def test_peak_rss_sees_a_transient_allocation() -> None:
     """~200 MB allocated, touched and freed inside the block: the sampling thread must have
     caught the peak even though the memory is gone when the block ends."""
@@ -52,4 +63,5 @@ def test_as_metrics() -> None:
     assert metrics["eval_seconds"] == m.seconds
     assert metrics["eval_peak_rss_mb"] == m.peak_rss_mb > 0
     assert metrics["eval_start_rss_mb"] == m.start_rss_mb > 0
+    assert metrics["eval_cpu_seconds"] == m.cpu_seconds >= 0
     assert set(m.as_metrics()) >= {"seconds", "peak_rss_mb"}
