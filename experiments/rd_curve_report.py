@@ -51,6 +51,9 @@ class RunPoint:
     # Weight-count-weighted mean of R - R_G(MSE) over the coded tensors: how many bits per
     # weight above Shannon's D(R) for a Gaussian of each tensor's variance (None: not logged).
     gap_bits: float | None = None
+    # CPU seconds of the quantizer (the stage's process, or the peer's own process for its
+    # GPTQ): the figure to compare when runs shared the machine with different loads.
+    cpu_seconds: float | None = None
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -151,6 +154,7 @@ def read_run(folder: Path) -> RunPoint:
         own_seconds=_number(metrics.get("peer_seconds")),
         reference_perplexity=_number((reference.get("eval") or {}).get("perplexity")),
         gap_bits=_number(metrics.get("mean_gap_bits")),
+        cpu_seconds=_number(metrics.get("peer_cpu_seconds", metrics.get("cpu_seconds"))),
     )
 
 
@@ -174,14 +178,15 @@ def markdown(points: list[RunPoint], skipped: list[str], root: Path) -> str:
         "# Rate-distortion: perplexity against bits per weight",
         "",
         "| method | nominal bits | bits/weight | perplexity | KL | top-1 | gap to D(R), bits "
-        "| compression s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| compression s | quantizer CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         lines.append(
             f"| {p.method} | {_fmt(p.nominal_bits, 'g')} | {_fmt(p.bits_per_weight, '.3f')} "
             f"| {_ppl(p.perplexity)} | {_fmt(p.kl, '.4f')} | {_fmt(p.top1, '.2%')} "
-            f"| {_fmt(p.gap_bits, '.3f')} | {_fmt(p.seconds, '.0f')} |"
+            f"| {_fmt(p.gap_bits, '.3f')} | {_fmt(p.seconds, '.0f')} "
+            f"| {_fmt(p.cpu_seconds, '.0f')} |"
         )
     lines.append("")
     refs = sorted({round(p.reference_perplexity, 6) for p in points if p.reference_perplexity})
@@ -197,7 +202,8 @@ def markdown(points: list[RunPoint], skipped: list[str], root: Path) -> str:
     lines.append(
         "bits/weight: every stored bit of the block linears (codes, scales, zero points, side "
         "information) over their weight count, from the container written; compression s: "
-        "the stage's wall time in the runner."
+        "the stage's wall time in the runner; quantizer CPU s: the CPU time of the process "
+        "that quantized (the peer's own process for llm-compressor), all threads."
     )
     own = [p for p in points if p.own_seconds is not None]
     if own:

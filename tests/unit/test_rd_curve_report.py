@@ -85,7 +85,7 @@ def sweep(tmp_path: Path) -> Path:
     (root).mkdir(parents=True)
     (root / "multirun.yaml").write_text("hydra: {}\n")
     _write_run(root / "0", "rtn", 2, 2.17, 3.5e5)
-    _write_run(root / "1", "rtn", 3, 3.17, 40.0, extra={"mean_gap_bits": 0.5})
+    _write_run(root / "1", "rtn", 3, 3.17, 40.0, extra={"mean_gap_bits": 0.5, "cpu_seconds": 30.0})
     _write_run(
         root / "2",
         "peer_gptq",
@@ -93,7 +93,7 @@ def sweep(tmp_path: Path) -> Path:
         2.083,
         1.2e4,
         target="plugins.compressors.peer_gptq.PeerGPTQ",
-        extra={"peer_seconds": 455.0},
+        extra={"peer_seconds": 455.0, "peer_cpu_seconds": 440.0, "cpu_seconds": 3.0},
     )
     _write_run(
         root / "10",
@@ -135,7 +135,19 @@ def test_table_and_plot(sweep: Path, tmp_path: Path) -> None:
         ("rtn", "2"),
         ("rtn", "3"),
     ]
-    assert rows[0] == ["peer_gptq", "2", "2.083", "12,000", "120.0000", "85.00%", "-", "25"]
+    # the peer's CPU time is its own process's, not the runner's hand-over
+    assert rows[0] == [
+        "peer_gptq",
+        "2",
+        "2.083",
+        "12,000",
+        "120.0000",
+        "85.00%",
+        "-",
+        "25",
+        "440",
+    ]
+    assert rows[3][8] == "30" and rows[2][8] == "-"
     # the distance above the Gaussian D(R), where the run logged it
     assert rows[3][6] == "0.500"
     assert rows[3][2:4] == ["3.170", "40.00"]
