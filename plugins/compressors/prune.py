@@ -3,8 +3,9 @@ topology-guided allocation.
 
 ``unit: neurons`` (the default): one MLP neuron (intermediate channel) j of a block = row j
 of every MLP input projection (gate and up for Llama, fc1 for OPT) and column j of the
-output projection (down_proj). ``sparsity`` is the fraction of all MLP neurons of the model that are removed;
-the number removed is exactly round(sparsity * total) and the per-block counts add up to it.
+output projection (down_proj). ``sparsity`` is the fraction of all MLP neurons of the model
+that are removed; the number removed is exactly round(sparsity * total) and the per-block
+counts add up to it.
 
 How a neuron is removed: its rows (and biases) in the input projections and its column in
 the output projection are set to zero. A plain Llama config has one ``intermediate_size``
