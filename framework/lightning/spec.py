@@ -33,6 +33,9 @@ class TrainerSpec:
     (Lightning strategies; the CPU DeepSpeed engine restarts the stage).
     max_steps: optimizer steps. batch_size: global batch (windows per step, split across
     data-parallel ranks, so one and two processes see the same batches).
+    max_minutes: also stop once training has run this long (wall time of the fit loop, all
+    ranks stopping at the same step; null: max_steps alone), for budgets such as "recover
+    what you can in 10 minutes".
     """
 
     strategy: Strategy = "single"
@@ -42,6 +45,7 @@ class TrainerSpec:
     launcher: Launcher = "auto"
     precision: Precision = "32-true"
     max_steps: int = 100
+    max_minutes: float | None = None
     batch_size: int = 4
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0
@@ -56,6 +60,8 @@ class TrainerSpec:
         for key in ("devices", "num_nodes", "max_steps", "batch_size", "accumulate_grad_batches"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.max_minutes is not None and not float(self.max_minutes) > 0:
+            raise ConfigError("max_minutes", f"must be > 0 or null, got {self.max_minutes}")
         if self.checkpoint_every_n_steps < 0:
             raise ConfigError("checkpoint_every_n_steps", "must be >= 0 (0: no checkpoints)")
         world = self.devices * self.num_nodes

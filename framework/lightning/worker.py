@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,7 @@ def _lightning(
         strategy=strategy,
         precision=spec.precision,
         max_steps=spec.max_steps,
+        max_time=timedelta(minutes=spec.max_minutes) if spec.max_minutes else None,
         max_epochs=-1,
         accumulate_grad_batches=spec.accumulate_grad_batches,
         gradient_clip_val=clip,
@@ -267,7 +269,15 @@ def _deepspeed_cpu(
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     fraction = local_parameter_fraction(module.student)
     engine.train()
+    start = time.perf_counter()
     for i in range(len(batches)):
+        if spec.max_minutes and i % spec.accumulate_grad_batches == 0:
+            # Every rank must stop at the same step: rank 0's clock decides.
+            over = torch.tensor(float(time.perf_counter() - start > 60.0 * spec.max_minutes))
+            if torch.distributed.is_initialized():
+                torch.distributed.broadcast(over, src=0)
+            if over.item():
+                break
         loss = engine(batches[i])
         module.losses.append(global_mean(loss))
         engine.backward(loss)

@@ -102,7 +102,10 @@ class Distill(Editor):
             metrics={
                 "loss_first": losses[0],
                 "loss_last": losses[-1],
-                "steps": float(job.spec.max_steps),
+                # Optimizer steps actually taken: fewer than max_steps when
+                # trainer.max_minutes ended the training first.
+                "steps": float(len(losses) // job.spec.accumulate_grad_batches),
+                "max_steps": float(job.spec.max_steps),
                 "train_seconds": outcome["seconds"],
                 "world_size": float(outcome["world_size"]),
                 "trainable_parameters": float(outcome["trainable_parameters"]),

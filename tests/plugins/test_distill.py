@@ -42,6 +42,18 @@ def test_distill_moves_towards_the_teacher(on_grid: bool, tiny, make_ctx, tmp_pa
     assert (tmp_path / "distill" / "loss.png").exists()
 
 
+def test_a_time_budget_stops_training_early(tiny, make_ctx, tmp_path) -> None:
+    """trainer.max_minutes ends the loop before max_steps, and the stage reports the steps
+    it took, not the ones it was allowed."""
+    ctx = make_ctx(tiny, tmp_path, stage_name="distill")
+    ctx.reference = build_tiny_llama(seed=1).model.eval()
+    ctx.trainer = TrainerSpec(max_steps=100_000, max_minutes=0.05, batch_size=2)
+    result = Distill(lr=3e-3).edit(tiny.model, ctx)
+    steps = result.metrics["steps"]
+    assert 1 <= steps < 100_000 and result.metrics["max_steps"] == 100_000
+    assert len(result.tables["loss"]) == steps
+
+
 def test_bad_values_are_refused() -> None:
     from framework.errors import ConfigError
 

@@ -38,6 +38,8 @@ def test_launcher_follows_the_process_count() -> None:
         ({"strategy": "fsdp2", "devices": 2, "batch_size": 3}, "batch_size"),
         ({"strategy": "fsdp2", "devices": 2, "offload_optimizer": True}, "offload_optimizer"),
         ({"max_steps": 0}, "max_steps"),
+        ({"max_minutes": 0}, "max_minutes"),
+        ({"max_minutes": -1.0}, "max_minutes"),
     ],
 )
 def test_bad_values_name_their_key(kwargs: dict, key: str) -> None:
