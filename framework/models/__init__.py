@@ -1,3 +1,4 @@
+from framework.models import sliced_llama  # noqa: F401  (registers its Auto classes)
 from framework.models.arch import ARCH_MAPS, ArchMap, arch_for, block_linears, blocks
 from framework.models.loading import (
     LoadedModel,

@@ -3,32 +3,42 @@ direction carries, then delete the last directions (SliceGPT, Ashkboos et al., 2
 arXiv:2401.15024). Lossy by design: only the rotation is exact; the deletion removes what
 the calibration data put in the discarded directions.
 
-One basis for the whole stream. SliceGPT uses a basis per layer and pays for it with a
-[k, k] matrix on every residual shortcut, which a plain Hugging Face decoder layer has no
-place for. With one global basis every residual add stays an identity, and the sliced
-model is an ordinary model of the same class with hidden_size = k (head_dim written
-explicitly, so attention keeps its width): `save_pretrained` / `from_pretrained` round-trip
-it with plain transformers, no custom code. The price is a basis that fits all layers
-on average instead of each one (the error budget is spent where the layers disagree).
+Two ways to choose the bases, one piece of weight surgery (with Q_k = Q[:, :k] and the
+norm scales folded first): the embedding becomes E Q_k, every reader of a point of the
+stream (q, k, v; gate, up; the head) W Q_k, every writer into it (o; down) Q_k^T W.
+
+* slice_residual: one basis for the whole stream. Every residual add stays an identity,
+  and the sliced model is an ordinary model of the same class with hidden_size = k
+  (head_dim written explicitly, so attention keeps its width): `save_pretrained` /
+  `from_pretrained` round-trip it with plain transformers. The price is a basis that fits
+  all layers on average instead of each one.
+* slice_per_layer: SliceGPT's scheme. Every norm input (each block's attention and MLP
+  input, the final norm's) gets its own basis, the PCA of what reaches it in the model
+  sliced so far (sequential, block by block, as GPTQ calibrates), so the error of earlier
+  slices is seen by the later bases. A residual shortcut from basis Q_a to basis Q_b
+  carries the [k, k] matrix Q_a,k^T Q_b,k, which the model class
+  framework.models.sliced_llama holds (2 k^2 more weights per block).
 
 RMSNorm after slicing: a k-wide norm divides by sqrt(||x_k||^2 / k) where the full one
 divided by sqrt(||x||^2 / d), so the sliced norm's output is off by sqrt(d / k) *
 ||x_k|| / ||x|| per token. Each norm's scale (1 after folding) is set to that factor's
-calibration estimate, sqrt(d / k * kept energy fraction at that norm).
+calibration estimate, sqrt(d / k * kept energy fraction at that norm) (norm_gain).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
+from framework.calibration import StopForward, capture_block_inputs, first_output
 from framework.errors import SculptError
 from framework.models.arch import ArchMap, blocks
-from framework.transforms.common import attention_shape, block_parts, set_weight
-from framework.transforms.norms import is_tied
-from framework.transforms.rotations import rotate_residual
+from framework.models.sliced_llama import to_sliced_llama
+from framework.transforms.common import attention_shape, block_parts
+from framework.transforms.norms import fold_norm_scales, is_tied, untie_head
 
 
 def norm_paths(model: nn.Module, arch: ArchMap) -> list[str]:
@@ -41,17 +51,64 @@ def norm_paths(model: nn.Module, arch: ArchMap) -> list[str]:
     return [*out, arch.final_norm]
 
 
-def _cut_linear(layer: nn.Linear, rows: int | None = None, cols: int | None = None) -> None:
-    w = layer.weight.data
-    if cols is not None:
-        w = w[:, :cols]
-        layer.in_features = cols
-    if rows is not None:
-        w = w[:rows]
-        layer.out_features = rows
-        if layer.bias is not None:
-            layer.bias = nn.Parameter(layer.bias.data[:rows].clone(), requires_grad=False)
-    layer.weight = nn.Parameter(w.contiguous().clone(), requires_grad=False)
+def _set_linear(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Give `layer` a new weight [out, in] (and bias), in its own dtype, frozen."""
+    dtype = layer.weight.dtype
+    layer.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
+    layer.out_features, layer.in_features = weight.shape
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
+
+
+def _read(layer: nn.Linear, basis_k: torch.Tensor) -> None:
+    """A reader of the stream: W <- W Q_k (its input is now the k sliced coordinates)."""
+    _set_linear(layer, layer.weight.data.double() @ basis_k)
+
+
+def _write(layer: nn.Linear, basis_k: torch.Tensor) -> None:
+    """A writer into the stream: W <- Q_k^T W, b <- Q_k^T b (it writes k coordinates)."""
+    bias = None if layer.bias is None else basis_k.T @ layer.bias.data.double()
+    _set_linear(layer, basis_k.T @ layer.weight.data.double(), bias)
+
+
+def _slice_embedding(model: nn.Module, arch: ArchMap, basis_k: torch.Tensor) -> nn.Embedding:
+    embed = model.get_submodule(arch.embed)
+    dtype = embed.weight.dtype
+    embed.weight = nn.Parameter((embed.weight.data.double() @ basis_k).to(dtype).contiguous())
+    embed.embedding_dim = basis_k.shape[1]
+    return embed
+
+
+def _set_norm(model: nn.Module, path: str, keep: int, gain: float) -> None:
+    norm = model.get_submodule(path)
+    norm.weight = nn.Parameter(torch.full((keep,), float(gain), dtype=norm.weight.dtype))
+
+
+def norm_gain(d: int, keep: int, fraction: float | None = None) -> float:
+    """A norm's scale after slicing d -> keep: sqrt(d / keep * kept energy fraction), the
+    plain width correction sqrt(d / keep) without a fraction."""
+    return math.sqrt(d / keep * (1.0 if fraction is None else fraction))
+
+
+def _checked_basis(basis: torch.Tensor, d: int, keep: int) -> torch.Tensor:
+    """The first `keep` columns of an orthogonal [d, d] basis, float64."""
+    if not 0 < keep <= d:
+        raise SculptError(f"transforms: cannot keep {keep} of {d} residual dimensions")
+    q = basis.to(torch.float64)
+    if q.shape != (d, d):
+        raise SculptError(f"transforms: basis is {tuple(q.shape)}, residual width is {d}")
+    if not torch.allclose(q.T @ q, torch.eye(d, dtype=torch.float64), atol=1e-8):
+        raise SculptError("transforms: the slicing basis is not orthogonal")
+    return q[:, :keep].contiguous()
+
+
+def _finish(model: nn.Module, keep: int, head_dim: int) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.hidden_size = keep
+    # Attention's width no longer follows hidden_size / heads: pin it for from_pretrained.
+    model.config.head_dim = head_dim
+    return model
 
 
 @torch.no_grad()
@@ -71,36 +128,139 @@ def slice_residual(
     """
     shape = attention_shape(model, arch)
     d = model.get_submodule(arch.embed).weight.shape[1]
-    if not 0 < keep <= d:
-        raise SculptError(f"transforms: cannot keep {keep} of {d} residual dimensions")
-    rotate_residual(model, arch, basis)
+    q = _checked_basis(basis, d, keep)
+    fold_norm_scales(model, arch)
     assert arch.head is not None
     tied = is_tied(model, arch)
-    embed = model.get_submodule(arch.embed)
-    embed.weight = nn.Parameter(embed.weight.data[:, :keep].contiguous().clone())
-    embed.embedding_dim = keep
+    embed = _slice_embedding(model, arch, q)
     for parts in block_parts(model, arch):
         for layer in (parts.q, parts.k, parts.v, *parts.mlp_in):
-            _cut_linear(layer, cols=keep)
+            _read(layer, q)
         for layer in (parts.o, parts.mlp_out):
-            _cut_linear(layer, rows=keep)
+            _write(layer, q)
     head = model.get_submodule(arch.head)
     if tied:
         head.weight = embed.weight
     else:
-        _cut_linear(head, cols=keep)
+        _read(head, q)
     gains = norm_gains or {}
-    default = math.sqrt(d / keep)
     for path in norm_paths(model, arch):
-        norm = model.get_submodule(path)
-        gain = gains.get(path, default)
-        norm.weight = nn.Parameter(torch.full((keep,), float(gain), dtype=norm.weight.dtype))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.config.hidden_size = keep
-    # Attention's width no longer follows hidden_size / heads: pin it for from_pretrained.
-    model.config.head_dim = shape.head_dim
-    return model
+        _set_norm(model, path, keep, gains.get(path, norm_gain(d, keep)))
+    return _finish(model, keep, shape.head_dim)
+
+
+def token_moment(x: torch.Tensor, normalize_tokens: bool = True) -> tuple[torch.Tensor, int]:
+    """(sum over tokens of u u^T [d, d] float64, token count) for activations [..., d];
+    u = each token divided by its RMS (normalize_tokens) or as it is."""
+    u = x.detach().float().reshape(-1, x.shape[-1])
+    if normalize_tokens:
+        u = u * torch.rsqrt(u.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-30))
+    return (u.T @ u).double(), u.shape[0]
+
+
+def _run_block(
+    block: nn.Module,
+    chunks: list[torch.Tensor],
+    calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]],
+    stop_at: nn.Module | None = None,
+) -> list[torch.Tensor]:
+    """The block's output for each chunk, or (stop_at) what that submodule receives."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.append(args[0].detach())
+        raise StopForward
+
+    handle = stop_at.register_forward_pre_hook(hook) if stop_at is not None else None
+    out = []
+    try:
+        for x, (_, args, kwargs) in zip(chunks, calls, strict=True):
+            try:
+                out.append(first_output(block(x, *args, **kwargs)))
+            except StopForward:
+                out.append(seen.pop())
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out
+
+
+@torch.no_grad()
+def slice_per_layer(
+    model: nn.Module,
+    arch: ArchMap,
+    windows: torch.Tensor,
+    keep: int,
+    batch_size: int,
+    normalize_tokens: bool = True,
+    norm_correction: bool = True,
+) -> tuple[nn.Module, dict[str, float]]:
+    """SliceGPT's per-layer slicing, calibrated sequentially on `windows`. Returns the
+    sliced model (a new SlicedLlamaForCausalLM, hidden_size = keep; `model` is left folded
+    and untied, not sliced) and, per norm path, the energy fraction its basis keeps.
+
+    At each norm input, in forward order, the PCA (PROTOCOL weighting: each token
+    RMS-normalised first when normalize_tokens) of the d-wide stream as the model sliced
+    so far produces it: the shortcut into that point still maps the k sliced coordinates
+    back to d (Q_prev,k^T), the sublayer writes d. Then the point's readers take Q_k, its
+    norm the gain (norm_gain), the writers into it Q_k^T, the shortcut Q_prev,k^T Q_k.
+    """
+    if arch.family != "llama":
+        raise SculptError(
+            f"transforms: per-layer slicing needs a llama-family model, not '{arch.family}'"
+        )
+    shape = attention_shape(model, arch)
+    d = model.get_submodule(arch.embed).weight.shape[1]
+    if not 0 < keep <= d:
+        raise SculptError(f"transforms: cannot keep {keep} of {d} residual dimensions")
+    fold_norm_scales(model, arch)
+    untie_head(model, arch)
+    sliced = to_sliced_llama(model).eval()
+    paths = norm_paths(sliced, arch)
+    fractions: dict[str, float] = {}
+
+    def settle(path: str, xs: list[torch.Tensor]) -> torch.Tensor:
+        """The basis at `path` from the activations reaching it; sets its norm."""
+        moments = [token_moment(x, normalize_tokens) for x in xs]
+        cov = sum(m for m, _ in moments) / sum(n for _, n in moments)
+        _, vectors = pca_basis(cov)
+        fractions[path] = kept_fraction(cov, vectors, keep)
+        _set_norm(
+            sliced, path, keep, norm_gain(d, keep, fractions[path] if norm_correction else None)
+        )
+        return vectors[:, :keep].contiguous()
+
+    def project(xs: list[torch.Tensor], q: torch.Tensor) -> list[torch.Tensor]:
+        return [(x.double() @ q.to(x.device)).to(x.dtype) for x in xs]
+
+    device = next(sliced.parameters()).device
+    layers = blocks(sliced, arch)
+    inputs = capture_block_inputs(sliced, layers[0], windows, batch_size, device)
+    chunks = [inputs.hidden[rows] for rows, _, _ in inputs.calls]
+    q = settle(paths[0], chunks)
+    _slice_embedding(sliced, arch, q)
+    chunks = project(chunks, q)
+    assert arch.mlp_norm is not None and arch.head is not None
+    for i, (block, parts) in enumerate(zip(layers, block_parts(sliced, arch), strict=True)):
+        for layer in (parts.q, parts.k, parts.v):
+            _read(layer, q)
+        _set_linear(block.attn_shortcut, q)  # for now back to d: x_k Q_k^T
+        mids = _run_block(block, chunks, inputs.calls, block.get_submodule(arch.mlp_norm))
+        q_mid = settle(paths[2 * i + 1], mids)
+        del mids
+        _set_linear(block.attn_shortcut, (q.T @ q_mid).T)
+        _write(parts.o, q_mid)
+        for layer in parts.mlp_in:
+            _read(layer, q_mid)
+        _set_linear(block.mlp_shortcut, q_mid)
+        outs = _run_block(block, chunks, inputs.calls)
+        q_out = settle(paths[2 * i + 2], outs)
+        _set_linear(block.mlp_shortcut, (q_mid.T @ q_out).T)
+        _write(parts.mlp_out, q_out)
+        chunks, q = project(outs, q_out), q_out
+        del outs
+    _read(sliced.get_submodule(arch.head), q)
+    return _finish(sliced, keep, shape.head_dim), fractions
 
 
 def kept_fraction(cov: torch.Tensor, basis: torch.Tensor, keep: int) -> float:
@@ -115,9 +275,3 @@ def pca_basis(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh(cov.double())
     order = torch.argsort(values, descending=True)
     return values[order], vectors[:, order]
-
-
-def set_norm_gains(model: nn.Module, gains: dict[str, float]) -> None:
-    for path, gain in gains.items():
-        norm = model.get_submodule(path)
-        set_weight(norm.weight, torch.full_like(norm.weight, float(gain)))

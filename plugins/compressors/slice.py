@@ -6,27 +6,35 @@ not) that saves and reloads with plain `from_pretrained`.
 
 What this implementation chose (framework/transforms/slicing.py has the details):
 
-* One PCA basis for the whole residual stream, not one per layer: SliceGPT's per-layer
-  bases need a [k, k] matrix on every residual shortcut, which no stock Hugging Face
-  layer holds; a global basis keeps every shortcut an identity, so the sliced model is a
-  plain LlamaForCausalLM. The basis diagonalises the sum over every norm input (2 per
-  block + the final one) of the second moment of the RMS-normalised residual, so each
-  layer and each token weigh the same whatever the stream's growing scale.
+* basis=global: one PCA basis for the whole residual stream. Every shortcut stays an
+  identity, so the sliced model is a plain LlamaForCausalLM. The basis diagonalises the
+  sum over every norm input (2 per block + the final one) of the second moment of the
+  RMS-normalised residual, so each layer and each token weigh the same whatever the
+  stream's growing scale.
+* basis=per_layer: SliceGPT's own scheme, one basis per norm input, each the PCA of the
+  stream as the model sliced so far produces it (sequential, block by block). Each
+  residual shortcut then carries a [k, k] change of basis, so the result is a
+  framework.models.sliced_llama.SlicedLlamaForCausalLM (model_type sculpt_sliced_llama;
+  reloads with AutoModelForCausalLM.from_pretrained once sculpt's framework.models is
+  imported). The 2 k^2 shortcut weights per block are counted: in the parameters, in
+  block_weights_kept and in the rate (shortcut_weights reports them alone).
 * The PCA weighs every token's residual after dividing it by its RMS (weighting=token);
-  the alternative, raw second moments with each norm input scaled to unit trace
-  (weighting=layer), was worse on SmolLM2 (perplexity x8.4 against x6.8 at 25% on a
-  2-window KJV check).
+  the alternative, raw second moments (weighting=layer; with basis=global each norm input
+  scaled to unit trace, with per_layer SliceGPT's own choice), was worse for the global
+  basis on SmolLM2 (perplexity x8.4 against x6.8 at 25% on a 2-window KJV check).
 * Each RMSNorm's scale after slicing is the calibration estimate of the factor the
   narrower norm is off by, sqrt(d / k * kept energy fraction at that norm).
 * The LM head is untied from the embedding when the final norm's scale is folded into it
-  (SmolLM2): the saved model holds two vocab x k matrices. Parameter counts are reported
-  with and without embeddings so the saving is not overstated.
+  (SmolLM2), and always with per_layer (the two ends have different bases): the saved
+  model holds two vocab x k matrices. Parameter counts are reported with and without
+  embeddings so the saving is not overstated.
 
 Rate: every tensor the slicing changed (all of them) is written at full precision
-(framework.codecs.raw); the 210 block linears count in bits/weight (32: nothing is
-quantized, the saving is in how many weights remain), embedding, head and norms are
-outside the rate, as for every other method. `block_weights_kept` is the fraction of the
-block linears' weights that remain.
+(framework.codecs.raw); the 210 block linears (and per_layer's shortcuts) count in
+bits/weight (32: nothing is quantized, the saving is in how many weights remain),
+embedding, head and norms are outside the rate, as for every other method.
+`block_weights_kept` is the fraction of the block linears' weights that remain
+(shortcuts included).
 
 SliceGPT's own figure: OPT-125M, WikiText-2 perplexity 27.64 -> 37.74 at 25% slicing.
 """
@@ -43,9 +51,18 @@ from torch import nn
 from framework.codecs import write_container
 from framework.codecs.raw import encode_raw
 from framework.errors import ConfigError, SculptError
-from framework.models import block_linears
+from framework.models import ArchMap, block_linears
+from framework.models.sliced_llama import Shortcut
 from framework.plugins import Compressor, Context, StageResult
-from framework.transforms.slicing import kept_fraction, norm_paths, pca_basis, slice_residual
+from framework.transforms.slicing import (
+    kept_fraction,
+    norm_gain,
+    norm_paths,
+    pca_basis,
+    slice_per_layer,
+    slice_residual,
+    token_moment,
+)
 
 log = logging.getLogger("sculpt")
 
@@ -70,11 +87,7 @@ def residual_second_moments(
 
     def hook(path: str):
         def run(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            if normalize_tokens:
-                x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-30))
-            u = x
-            gram = (u.T @ u).double()
+            gram, _ = token_moment(args[0], normalize_tokens)
             sums[path] = sums[path] + gram if path in sums else gram
             if path == paths[-1]:
                 raise _Stop
@@ -105,6 +118,10 @@ def _params(model: nn.Module, exclude: tuple[str, ...] = ()) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
+def _shortcut_weights(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, Shortcut))
+
+
 class Slice(Compressor):
     """Delete the least-used directions of the (rotated) residual stream.
 
@@ -119,6 +136,9 @@ class Slice(Compressor):
             second moment scaled to unit mean eigenvalue (tokens weigh by their size, so
             an attention sink's huge residual is kept); token: every token's residual
             divided by its RMS first (each token weighs the same).
+        basis: global: one basis for the whole stream (a plain model of the same class);
+            per_layer: SliceGPT's basis per norm input, calibrated sequentially on the
+            sliced model's own activations, with a [k, k] matrix on every shortcut.
     """
 
     needs_calibration = True
@@ -131,6 +151,7 @@ class Slice(Compressor):
         round_to: int = 8,
         norm_correction: bool = True,
         weighting: Literal["token", "layer"] = "token",
+        basis: Literal["global", "per_layer"] = "global",
     ):
         if not (isinstance(sparsity, int | float) and 0.0 <= sparsity < 1.0):
             raise ConfigError("sparsity", f"{sparsity} must be a fraction in [0, 1)")
@@ -150,6 +171,9 @@ class Slice(Compressor):
         if weighting not in ("token", "layer"):
             raise ConfigError("weighting", f"'{weighting}' is not one of token, layer")
         self.weighting = weighting
+        if basis not in ("global", "per_layer"):
+            raise ConfigError("basis", f"'{basis}' is not one of global, per_layer")
+        self.basis = basis
 
     def kept_width(self, d: int) -> int:
         keep = d - math.floor(d * self.sparsity + 1e-9)
@@ -171,26 +195,24 @@ class Slice(Compressor):
         was_training = model.training
         model.eval()
         try:
-            paths = norm_paths(model, arch)
-            moments = residual_second_moments(
-                model, paths, windows, self.batch_size, self.weighting == "token"
-            )
+            if self.basis == "global":
+                fractions, spectrum_kept = self._slice_global(model, arch, windows, keep)
+            else:
+                model, fractions = slice_per_layer(
+                    model,
+                    arch,
+                    windows,
+                    keep,
+                    self.batch_size,
+                    self.weighting == "token",
+                    self.norm_correction,
+                )
+                spectrum_kept = sum(fractions.values()) / len(fractions)
         finally:
             model.train(was_training)
-        if self.weighting == "layer":
-            moments = {
-                p: c / torch.trace(c).clamp_min(1e-30) * c.shape[0] for p, c in moments.items()
-            }
-        eigenvalues, basis = pca_basis(sum(moments.values()))
-        fractions = {p: kept_fraction(c, basis, keep) for p, c in moments.items()}
-        gains = (
-            {p: math.sqrt(d / keep * f) for p, f in fractions.items()}
-            if self.norm_correction
-            else None
-        )
-        slice_residual(model, arch, basis, keep, gains)
 
         linears = {f"{n}.weight" for n in block_linears(model, arch)}
+        linears |= {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Shortcut)}
         encoded = {
             name: encode_raw(t, in_rate=name in linears)
             for name, t in model.state_dict().items()
@@ -199,13 +221,20 @@ class Slice(Compressor):
         path = write_container(
             ctx.stage_dir("compressed"),
             encoded,
-            meta={"method": "slice", "hidden_before": d, "hidden_after": keep},
+            meta={
+                "method": "slice",
+                "basis": self.basis,
+                "hidden_before": d,
+                "hidden_after": keep,
+            },
         )
-        block_after = sum(w.weight.numel() for w in block_linears(model, arch).values())
-        spectrum = eigenvalues / eigenvalues.sum()
+        shortcuts = _shortcut_weights(model)
+        block_after = shortcuts + sum(w.weight.numel() for w in block_linears(model, arch).values())
         frac = list(fractions.values())
         log.info(
-            "slice: residual %d -> %d, block weights kept %.1f%%, energy kept %.2f%% (min %.2f%%)",
+            "slice (%s basis): residual %d -> %d, block weights kept %.1f%%, "
+            "energy kept %.2f%% (min %.2f%%)",
+            self.basis,
             d,
             keep,
             100 * block_after / block_before,
@@ -218,16 +247,38 @@ class Slice(Compressor):
                 "hidden_after": float(keep),
                 "sliced_fraction": 1.0 - keep / d,
                 "block_weights_kept": block_after / block_before,
+                "shortcut_weights": float(shortcuts),
                 "params_before": float(params_before),
                 "params_after": float(_params(model)),
                 "params_no_embeddings_before": float(params_before_no_embed),
                 "params_no_embeddings_after": float(_params(model, embed_names)),
                 "energy_kept_mean": sum(frac) / len(frac),
                 "energy_kept_min": min(frac),
-                "pca_spectrum_kept": float(spectrum[:keep].sum()),
+                "pca_spectrum_kept": spectrum_kept,
                 "calibration_windows": float(windows.shape[0]),
             },
             artifacts={"compressed": path},
             tables={"energy_kept": [{"norm": p, "kept": f} for p, f in fractions.items()]},
             model=model,
         )
+
+    def _slice_global(
+        self, model: nn.Module, arch: ArchMap, windows: torch.Tensor, keep: int
+    ) -> tuple[dict[str, float], float]:
+        """One basis from the original model's activations at every norm; returns the kept
+        energy fraction per norm and the share of the summed spectrum kept."""
+        d = model.get_submodule(arch.embed).weight.shape[1]
+        moments = residual_second_moments(
+            model, norm_paths(model, arch), windows, self.batch_size, self.weighting == "token"
+        )
+        if self.weighting == "layer":
+            moments = {
+                p: c / torch.trace(c).clamp_min(1e-30) * c.shape[0] for p, c in moments.items()
+            }
+        eigenvalues, basis = pca_basis(sum(moments.values()))
+        fractions = {p: kept_fraction(c, basis, keep) for p, c in moments.items()}
+        gains = {
+            p: norm_gain(d, keep, f if self.norm_correction else None) for p, f in fractions.items()
+        }
+        slice_residual(model, arch, basis, keep, gains)
+        return fractions, float((eigenvalues[:keep] / eigenvalues.sum()).sum())
