@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from framework.data import WindowSpec, build_windows
 from framework.errors import ConfigError, SculptError
 from framework.eval import evaluate_causal_lm, evaluate_encoder, measure
 from framework.eval.metrics import ReferenceCache
+from framework.eval.reference_cache import load_reference, reference_key, save_reference
 from framework.eval.topology import TopologyEvaluator, TopologySpec
 from framework.eval.validators import check_limits_config, check_stage, edit_metrics
 from framework.export import check_export_config, export_compressed_tensors
 from framework.io import atomic_dir, atomic_write_json, atomic_write_text, folder_bytes
 from framework.models import LoadedModel
+from framework.models.loading import cache_root
 from framework.plugins import Context, Stage, StageResult, flat_metrics
 from framework.progress import make_tracker
 from framework.report import render_report, summary_rows
@@ -156,6 +159,20 @@ def _evaluate(
         description=f"eval {label}",
     )
     cache = None
+    stored = _reference_store(eval_cfg) if first else None
+    with measure() as m:
+        if stored is not None:
+            head = ctx.arch.head if ctx.arch.causal else None
+            key = reference_key(model, ctx.evaluation_windows, int(eval_cfg.batch_size), head)
+            hit = load_reference(stored, key, model, head)
+            if hit is not None:
+                metrics, cache = hit
+                log.info("eval %s: taken from the reference cache (%s)", label, stored / key)
+    if stored is not None and cache is not None:
+        ctx.reference_outputs = cache
+        metrics.update(m.as_metrics("eval_"))
+        metrics["reference_cached"] = 1.0
+        return metrics, cache
     with measure() as m:
         if ctx.arch.causal:
             cache_head = ctx.arch.head if first or keep else None
@@ -168,8 +185,22 @@ def _evaluate(
             metrics, cache = got if first else (got, None)
     if first:
         ctx.reference_outputs = cache
+        if stored is not None and cache is not None:
+            save_reference(stored, key, metrics, cache)
     metrics.update(m.as_metrics("eval_"))
     return metrics, cache
+
+
+def _reference_store(eval_cfg: DictConfig) -> Path | None:
+    """eval.reference_cache: auto ($SCULPT_REFERENCE_CACHE, else $SCULPT_CACHE/reference),
+    a folder, or null (off)."""
+    where = eval_cfg.get("reference_cache")
+    if where in (None, False, ""):
+        return None
+    if where == "auto":
+        env = os.environ.get("SCULPT_REFERENCE_CACHE")
+        return Path(env) if env else cache_root() / "reference"
+    return Path(str(where)).expanduser()
 
 
 def run(cfg: DictConfig) -> RunResult:

