@@ -194,6 +194,8 @@ def slice_per_layer(
     batch_size: int,
     normalize_tokens: bool = True,
     norm_correction: bool = True,
+    anchor: torch.Tensor | None = None,
+    anchor_weight: float = 0.0,
 ) -> tuple[nn.Module, dict[str, float]]:
     """SliceGPT's per-layer slicing, calibrated sequentially on `windows`. Returns the
     sliced model (a new SlicedLlamaForCausalLM, hidden_size = keep; `model` is left folded
@@ -204,6 +206,11 @@ def slice_per_layer(
     so far produces it: the shortcut into that point still maps the k sliced coordinates
     back to d (Q_prev,k^T), the sublayer writes d. Then the point's readers take Q_k, its
     norm the gain (norm_gain), the writers into it Q_k^T, the shortcut Q_prev,k^T Q_k.
+
+    anchor ([d, d] second moment, e.g. the global basis's) with anchor_weight a in [0, 1]:
+    each point's PCA is of (1 - a) C / tr C + a anchor / tr anchor instead of C, pulling
+    the bases towards one shared basis (a = 1: every basis the anchor's, identity
+    shortcuts up to rounding). The kept fractions are always of C itself.
     """
     if arch.family != "llama":
         raise SculptError(
@@ -223,7 +230,11 @@ def slice_per_layer(
         """The basis at `path` from the activations reaching it; sets its norm."""
         moments = [token_moment(x, normalize_tokens) for x in xs]
         cov = sum(m for m, _ in moments) / sum(n for _, n in moments)
-        _, vectors = pca_basis(cov)
+        mixed = cov
+        if anchor is not None and anchor_weight > 0:
+            a = anchor.to(cov) / torch.trace(anchor.to(cov))
+            mixed = (1 - anchor_weight) * cov / torch.trace(cov) + anchor_weight * a
+        _, vectors = pca_basis(mixed)
         fractions[path] = kept_fraction(cov, vectors, keep)
         _set_norm(
             sliced, path, keep, norm_gain(d, keep, fractions[path] if norm_correction else None)

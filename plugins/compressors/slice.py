@@ -139,6 +139,10 @@ class Slice(Compressor):
         basis: global: one basis for the whole stream (a plain model of the same class);
             per_layer: SliceGPT's basis per norm input, calibrated sequentially on the
             sliced model's own activations, with a [k, k] matrix on every shortcut.
+        global_mix: per_layer only, in [0, 1]: weight of the global basis's second moment
+            (the original model's, as basis=global computes it) in each point's PCA; 0:
+            SliceGPT's own per-layer bases; 1: every basis the global one, but the norm
+            gains calibrated sequentially. Costs one more forward pass when > 0.
     """
 
     needs_calibration = True
@@ -152,6 +156,7 @@ class Slice(Compressor):
         norm_correction: bool = True,
         weighting: Literal["token", "layer"] = "token",
         basis: Literal["global", "per_layer"] = "global",
+        global_mix: float = 0.0,
     ):
         if not (isinstance(sparsity, int | float) and 0.0 <= sparsity < 1.0):
             raise ConfigError("sparsity", f"{sparsity} must be a fraction in [0, 1)")
@@ -174,6 +179,11 @@ class Slice(Compressor):
         if basis not in ("global", "per_layer"):
             raise ConfigError("basis", f"'{basis}' is not one of global, per_layer")
         self.basis = basis
+        if not 0.0 <= global_mix <= 1.0:
+            raise ConfigError("global_mix", f"{global_mix} must be in [0, 1]")
+        if global_mix > 0 and basis != "per_layer":
+            raise ConfigError("global_mix", "only basis=per_layer mixes in the global basis")
+        self.global_mix = float(global_mix)
 
     def kept_width(self, d: int) -> int:
         keep = d - math.floor(d * self.sparsity + 1e-9)
@@ -198,6 +208,11 @@ class Slice(Compressor):
             if self.basis == "global":
                 fractions, spectrum_kept = self._slice_global(model, arch, windows, keep)
             else:
+                anchor = (
+                    sum(self._moments(model, arch, windows).values())
+                    if self.global_mix > 0
+                    else None
+                )
                 model, fractions = slice_per_layer(
                     model,
                     arch,
@@ -206,6 +221,8 @@ class Slice(Compressor):
                     self.batch_size,
                     self.weighting == "token",
                     self.norm_correction,
+                    anchor,
+                    self.global_mix,
                 )
                 spectrum_kept = sum(fractions.values()) / len(fractions)
         finally:
@@ -268,13 +285,7 @@ class Slice(Compressor):
         """One basis from the original model's activations at every norm; returns the kept
         energy fraction per norm and the share of the summed spectrum kept."""
         d = model.get_submodule(arch.embed).weight.shape[1]
-        moments = residual_second_moments(
-            model, norm_paths(model, arch), windows, self.batch_size, self.weighting == "token"
-        )
-        if self.weighting == "layer":
-            moments = {
-                p: c / torch.trace(c).clamp_min(1e-30) * c.shape[0] for p, c in moments.items()
-            }
+        moments = self._moments(model, arch, windows)
         eigenvalues, basis = pca_basis(sum(moments.values()))
         fractions = {p: kept_fraction(c, basis, keep) for p, c in moments.items()}
         gains = {
@@ -282,3 +293,16 @@ class Slice(Compressor):
         }
         slice_residual(model, arch, basis, keep, gains)
         return fractions, float((eigenvalues[:keep] / eigenvalues.sum()).sum())
+
+    def _moments(
+        self, model: nn.Module, arch: ArchMap, windows: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The original model's second moment at every norm input, as the PCA weighs it."""
+        moments = residual_second_moments(
+            model, norm_paths(model, arch), windows, self.batch_size, self.weighting == "token"
+        )
+        if self.weighting == "layer":
+            moments = {
+                p: c / torch.trace(c).clamp_min(1e-30) * c.shape[0] for p, c in moments.items()
+            }
+        return moments

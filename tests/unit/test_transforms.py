@@ -411,6 +411,10 @@ def test_slice_config_errors() -> None:
         Slice(weighting="channel")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="basis"):
         Slice(basis="per_block")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="global_mix"):
+        Slice(basis="per_layer", global_mix=1.5)
+    with pytest.raises(ConfigError, match="global_mix"):
+        Slice(global_mix=0.5)  # basis=global has nothing to mix
     assert Slice(sparsity=0.25).kept_width(576) == 432
 
 
@@ -471,6 +475,28 @@ def test_per_layer_plugin_counts_shortcuts_and_reloads(
     assert size["coded_weights"] == sum(
         p.numel() for n, p in model.named_parameters() if "layers" in n and "norm" not in n
     )
+
+
+def test_global_mix_one_is_one_basis(make_ctx, tmp_path) -> None:
+    """global_mix=1: every point's PCA is the global moment's, so every shortcut is the
+    identity and the weights are the global basis's (only the norm gains, calibrated on
+    the sliced stream, differ); 0.5 lies between: shortcuts neither identity nor free."""
+    weights, gaps = {}, {}
+    for mix in (1.0, 0.5):
+        loaded = _scaled_tiny()
+        ctx: Context = make_ctx(loaded, tmp_path / str(mix), stage_name="slice")
+        result = Slice(sparsity=0.25, basis="per_layer", global_mix=mix).compress(loaded.model, ctx)
+        assert result.model is not None
+        gaps[mix] = max(float((s - torch.eye(48)).abs().max()) for s in _shortcuts(result.model))
+        weights[mix] = result.model.state_dict()
+    loaded = _scaled_tiny()
+    one = Slice(sparsity=0.25).compress(loaded.model, make_ctx(loaded, tmp_path / "g")).model
+    assert one is not None
+    assert gaps[1.0] < 1e-5 < 0.1 < gaps[0.5]
+    for name, w in one.state_dict().items():
+        if "proj" in name:
+            # up to each basis vector's sign, which eigh may choose either way
+            assert torch.allclose(weights[1.0][name].abs(), w.abs(), atol=1e-5), name
 
 
 def test_per_layer_bases_keep_more_energy_than_one_basis(make_ctx, tmp_path) -> None:
