@@ -107,12 +107,15 @@ class StageCheckpoints:
         return state
 
     def load_model_into(self, model: nn.Module, state: ResumeState) -> nn.Module:
-        """The checkpointed weights, in a model of the checkpoint's own shape (a sliced or
-        pruned model's config differs from the original's)."""
+        """The checkpointed weights, in a model of the checkpoint's own shape and class (a
+        sliced or pruned model's config differs from the original's; a per-layer sliced
+        one is a SlicedLlamaForCausalLM), chosen by the saved config like any HF folder."""
         if not state.model_dir:
             return model
+        from framework.models.loading import auto_class
+
         folder = self.root / state.model_dir
-        restored = type(model).from_pretrained(folder, dtype=torch.float32)
+        restored = auto_class(folder).from_pretrained(folder, dtype=torch.float32)
         return restored.eval()
 
     def save(

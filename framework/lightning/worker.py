@@ -289,6 +289,8 @@ def _deepspeed_cpu(
 def _load_hf(folder: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    import framework.models  # noqa: F401  (registers sculpt's own model classes, e.g. sliced)
+
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 

@@ -59,7 +59,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("SCULPT_CACHE", Path.home() / ".cache" / "sculpt"))
 
 
-def _auto_class(folder: Path):
+def auto_class(folder: Path):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
@@ -97,7 +97,7 @@ def load_hf(path: str, dtype: str = "float32", name: str | None = None) -> Loade
     else:
         raise SculptError(f"model.path: {folder} does not exist")
     try:
-        auto = _auto_class(Path(source)) if isinstance(source, Path) else None
+        auto = auto_class(Path(source)) if isinstance(source, Path) else None
         if auto is None:
             from transformers import AutoModelForCausalLM
 

@@ -59,3 +59,23 @@ def test_a_corrupt_state_is_a_clear_error(compose_cfg, tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "state.json").write_text("{not json")
     with pytest.raises(SculptError, match=r"state\.json"):
         StageCheckpoints(tmp_path, compose_cfg(["model=tiny_llama"])).load()
+
+
+def test_a_sliced_model_resumes_as_its_own_class(compose_cfg, tiny, tmp_path: Path) -> None:
+    """A stage that changed the model's class (per-layer slicing: shortcut matrices) must
+    come back as that class with every weight, not as the run's original class."""
+    from framework.models.sliced_llama import SlicedLlamaForCausalLM, to_sliced_llama
+    from framework.transforms.norms import untie_head
+
+    untie_head(tiny.model, tiny.arch)
+    sliced = to_sliced_llama(tiny.model).eval()
+    with torch.no_grad():
+        sliced.model.layers[0].attn_shortcut.weight.mul_(0.5)
+    ckpt = StageCheckpoints(tmp_path, compose_cfg(["model=tiny_llama"]))
+    state = ResumeState(fingerprint="")
+    state.completed.append({"name": "compressor", "kind": "compressor", "target": "slice"})
+    ckpt.save(state, sliced, 0)
+    restored = ckpt.load_model_into(tiny.model, ckpt.load())
+    assert type(restored) is SlicedLlamaForCausalLM
+    for name, tensor in sliced.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
