@@ -371,6 +371,18 @@ def sequential_groups(arch: ArchMap, true_sequential: bool) -> list[tuple[str, .
 QuantizeInto = Callable[[nn.Linear, torch.Tensor], tuple[Any, dict[str, Any]]]
 
 
+@contextmanager
+def _activation_folder(ctx: Context, offload: bool) -> Iterator[Path | None]:
+    """A temporary folder of the run's output for offloaded activations (None: in memory),
+    removed on the way out whatever happened."""
+    if not offload:
+        yield None
+        return
+    Path(ctx.output_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".activations-", dir=ctx.output_dir) as tmp:
+        yield Path(tmp)
+
+
 @torch.no_grad()
 def quantize_sequentially(
     model: nn.Module,
@@ -390,94 +402,59 @@ def quantize_sequentially(
     the block activations live in files under a temporary folder of the run's output (removed
     at the end, also on failure). -> (entries by parameter name, one stats row per layer
     with its name and role added)."""
-    if offload_activations:
-        Path(ctx.output_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".activations-", dir=ctx.output_dir) as tmp:
-            return _quantize_sequentially(
-                model,
-                ctx,
-                windows,
-                quantize_into,
-                batch_size,
-                true_sequential,
-                quantized_inputs,
-                description,
-                Path(tmp),
-            )
-    return _quantize_sequentially(
-        model,
-        ctx,
-        windows,
-        quantize_into,
-        batch_size,
-        true_sequential,
-        quantized_inputs,
-        description,
-        None,
-    )
-
-
-def _quantize_sequentially(
-    model: nn.Module,
-    ctx: Context,
-    windows: torch.Tensor,
-    quantize_into: QuantizeInto,
-    batch_size: int,
-    true_sequential: bool,
-    quantized_inputs: bool,
-    description: str,
-    offload_dir: Path | None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    arch = ctx.arch
-    names = {id(layer): name for name, layer in block_linears(model, arch).items()}
-    block_list = blocks(model, arch)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    encoded: dict[str, Any] = {}
-    rows_out: list[dict[str, Any]] = []
-    files = (
-        (offload_dir / f"block{i}.bin" for i in range(len(block_list) + 1)) if offload_dir else None
-    )
-    inputs: BlockInputs | None = None
-    try:
-        inputs = capture_block_inputs(
-            model, block_list[0], windows, batch_size, device, next(files) if files else None
+    with _activation_folder(ctx, offload_activations) as offload_dir:
+        arch = ctx.arch
+        names = {id(layer): name for name, layer in block_linears(model, arch).items()}
+        block_list = blocks(model, arch)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        encoded: dict[str, Any] = {}
+        rows_out: list[dict[str, Any]] = []
+        files = (
+            (offload_dir / f"block{i}.bin" for i in range(len(block_list) + 1))
+            if offload_dir
+            else None
         )
-        groups = sequential_groups(arch, true_sequential)
-        for block in ctx.track(list(block_list), description=description):
-            outputs: Activations | None = None
-            if not quantized_inputs:
-                # The block's outputs before any of its weights change are the next
-                # block's inputs: taken from the first Hessian pass (in place when it is
-                # the only pass over these inputs).
-                if len(groups) == 1:
-                    outputs = inputs.hidden
-                elif isinstance(inputs.hidden, DiskActivations):
-                    assert files is not None
-                    outputs = inputs.hidden.empty_like(next(files))
-                else:
-                    outputs = torch.empty_like(inputs.hidden)
-            for i, group in enumerate(groups):
-                layers = {rel: block.get_submodule(rel) for rel in group}
-                hessians = _accumulate_hessians(
-                    block, layers, inputs, outputs=outputs if i == 0 else None
-                )
-                for rel, layer in layers.items():
-                    name = names[id(layer)]
-                    encoded[f"{name}.weight"], row = quantize_into(layer, hessians.pop(rel))
-                    rows_out.append({"layer": name, "role": rel, **row})
-            if outputs is None:
-                _run_block(block, inputs, write=True)
-            elif outputs is not inputs.hidden:
-                if isinstance(inputs.hidden, DiskActivations):
-                    inputs.hidden.close()
-                inputs.hidden = outputs
-    finally:
-        if inputs is not None and isinstance(inputs.hidden, DiskActivations):
-            inputs.hidden.close()
-        model.train(was_training)
-    return encoded, rows_out
+        inputs: BlockInputs | None = None
+        try:
+            inputs = capture_block_inputs(
+                model, block_list[0], windows, batch_size, device, next(files) if files else None
+            )
+            groups = sequential_groups(arch, true_sequential)
+            for block in ctx.track(list(block_list), description=description):
+                outputs: Activations | None = None
+                if not quantized_inputs:
+                    # The block's outputs before any of its weights change are the next
+                    # block's inputs: taken from the first Hessian pass (in place when it is
+                    # the only pass over these inputs).
+                    if len(groups) == 1:
+                        outputs = inputs.hidden
+                    elif isinstance(inputs.hidden, DiskActivations):
+                        assert files is not None
+                        outputs = inputs.hidden.empty_like(next(files))
+                    else:
+                        outputs = torch.empty_like(inputs.hidden)
+                for i, group in enumerate(groups):
+                    layers = {rel: block.get_submodule(rel) for rel in group}
+                    hessians = _accumulate_hessians(
+                        block, layers, inputs, outputs=outputs if i == 0 else None
+                    )
+                    for rel, layer in layers.items():
+                        name = names[id(layer)]
+                        encoded[f"{name}.weight"], row = quantize_into(layer, hessians.pop(rel))
+                        rows_out.append({"layer": name, "role": rel, **row})
+                if outputs is None:
+                    _run_block(block, inputs, write=True)
+                elif outputs is not inputs.hidden:
+                    if isinstance(inputs.hidden, DiskActivations):
+                        inputs.hidden.close()
+                    inputs.hidden = outputs
+        finally:
+            if inputs is not None and isinstance(inputs.hidden, DiskActivations):
+                inputs.hidden.close()
+            model.train(was_training)
+        return encoded, rows_out
 
 
 # ----------------------------------------------------------------------------------------
