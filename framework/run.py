@@ -158,23 +158,17 @@ def _evaluate(
         track=ctx.track,
         description=f"eval {label}",
     )
-    cache = None
     stored = _reference_store(eval_cfg) if first else None
+    key = hit = None
     with measure() as m:
         if stored is not None:
             head = ctx.arch.head if ctx.arch.causal else None
             key = reference_key(model, ctx.evaluation_windows, int(eval_cfg.batch_size), head)
             hit = load_reference(stored, key, model, head)
-            if hit is not None:
-                metrics, cache = hit
-                log.info("eval %s: taken from the reference cache (%s)", label, stored / key)
-    if stored is not None and cache is not None:
-        ctx.reference_outputs = cache
-        metrics.update(m.as_metrics("eval_"))
-        metrics["reference_cached"] = 1.0
-        return metrics, cache
-    with measure() as m:
-        if ctx.arch.causal:
+        if hit is not None:
+            metrics, cache = hit
+            log.info("eval %s: taken from the reference cache (%s)", label, stored / key)
+        elif ctx.arch.causal:
             cache_head = ctx.arch.head if first or keep else None
             got = evaluate_causal_lm(
                 model, ctx.evaluation_windows, cache_head=cache_head, previous=previous, **kwargs
@@ -185,9 +179,11 @@ def _evaluate(
             metrics, cache = got if first else (got, None)
     if first:
         ctx.reference_outputs = cache
-        if stored is not None and cache is not None:
+        if hit is None and key is not None and cache is not None:
             save_reference(stored, key, metrics, cache)
     metrics.update(m.as_metrics("eval_"))
+    if hit is not None:
+        metrics["reference_cached"] = 1.0
     return metrics, cache
 
 
