@@ -60,8 +60,14 @@ class TrainerSpec:
         for key in ("devices", "num_nodes", "max_steps", "batch_size", "accumulate_grad_batches"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.max_minutes is not None and not float(self.max_minutes) > 0:
-            raise ConfigError("max_minutes", f"must be > 0 or null, got {self.max_minutes}")
+        if self.max_minutes is not None and not (
+            isinstance(self.max_minutes, int | float)
+            and not isinstance(self.max_minutes, bool)
+            and self.max_minutes > 0
+        ):
+            raise ConfigError(
+                "max_minutes", f"must be a number > 0 or null, got {self.max_minutes!r}"
+            )
         if self.checkpoint_every_n_steps < 0:
             raise ConfigError("checkpoint_every_n_steps", "must be >= 0 (0: no checkpoints)")
         world = self.devices * self.num_nodes

@@ -462,7 +462,12 @@ def quantize_sequentially(
 # ----------------------------------------------------------------------------------------
 
 
-def check_calibration_args(damp: float, calibration_windows: int | None, batch_size: int) -> None:
+def check_calibration_args(
+    damp: float,
+    calibration_windows: int | None,
+    batch_size: int,
+    offload_activations: bool = False,
+) -> None:
     """The arguments every Hessian-calibrated quantizer (GPTQ, QuIP, the peer's GPTQ) takes
     alike; a ConfigError names the first bad one."""
     if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
@@ -475,6 +480,8 @@ def check_calibration_args(damp: float, calibration_windows: int | None, batch_s
         )
     if type(batch_size) is not int or batch_size < 1:
         raise ConfigError("batch_size", f"{batch_size} must be an integer >= 1")
+    if type(offload_activations) is not bool:
+        raise ConfigError("offload_activations", f"{offload_activations!r} must be true or false")
 
 
 class GPTQ(Compressor):
@@ -522,7 +529,7 @@ class GPTQ(Compressor):
         offload_activations: bool = False,
     ):
         check_grid_args(bits, group_size)
-        check_calibration_args(damp, calibration_windows, batch_size)
+        check_calibration_args(damp, calibration_windows, batch_size, offload_activations)
         if block_size < 1:
             raise ConfigError("block_size", f"{block_size} must be >= 1")
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
@@ -534,7 +541,7 @@ class GPTQ(Compressor):
         self.quantized_inputs = quantized_inputs
         self.calibration_windows = calibration_windows
         self.batch_size = batch_size
-        self.offload_activations = bool(offload_activations)
+        self.offload_activations = offload_activations
 
     def quantize_layer(self, weight: torch.Tensor, hessian: torch.Tensor) -> GPTQLayerResult:
         return gptq_quantize(

@@ -195,7 +195,7 @@ class QuIP(Compressor):
             raise ConfigError(key, detail)
         if rotation not in ("hadamard", "orthogonal", "none"):
             raise ConfigError("rotation", f"'{rotation}' is not one of hadamard, orthogonal, none")
-        check_calibration_args(damp, calibration_windows, batch_size)
+        check_calibration_args(damp, calibration_windows, batch_size, offload_activations)
         if type(block_size) is not int or block_size < 1:
             raise ConfigError("block_size", f"{block_size} must be an integer >= 1")
         if type(seed) is not int or seed < 0:
@@ -212,7 +212,7 @@ class QuIP(Compressor):
         self.quantized_inputs = quantized_inputs
         self.calibration_windows = calibration_windows
         self.batch_size = batch_size
-        self.offload_activations = bool(offload_activations)
+        self.offload_activations = offload_activations
 
     @property
     def book(self) -> Codebook:

@@ -374,6 +374,7 @@ def test_lowers_kl_versus_rtn(tiny, calibration, evaluation, gptq3, tmp_path):
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": 2.5}, "batch_size"),
         ({"calibration_windows": 1.5}, "calibration_windows"),
+        ({"offload_activations": "yes"}, "offload_activations"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, argument):

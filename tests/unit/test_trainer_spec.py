@@ -40,6 +40,7 @@ def test_launcher_follows_the_process_count() -> None:
         ({"max_steps": 0}, "max_steps"),
         ({"max_minutes": 0}, "max_minutes"),
         ({"max_minutes": -1.0}, "max_minutes"),
+        ({"max_minutes": "ten"}, "max_minutes"),
     ],
 )
 def test_bad_values_name_their_key(kwargs: dict, key: str) -> None:
