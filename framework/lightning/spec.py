@@ -25,8 +25,9 @@ class TrainerSpec:
     LightningModule is driven by a DeepSpeed engine with the CPU accelerator and gloo).
 
     devices: processes per node; num_nodes: nodes (srun inside a Slurm allocation).
-    launcher: how the worker processes start. `auto`: in this process when there is one
-    device, torchrun on one node, srun across nodes. The run's pipeline itself stays in one
+    launcher: how the worker processes start. `auto`: in this process for `single`,
+    torchrun on one node, srun across nodes (sharded strategies always use workers, even for
+    one device). The run's pipeline itself stays in one
     process; only the training stage fans out.
     checkpoint_every_n_steps: save a resumable training checkpoint (weights, optimizer,
     step) every n optimizer steps (0: never); a restarted stage continues from the last one
@@ -80,6 +81,12 @@ class TrainerSpec:
                 "batch_size",
                 f"{self.batch_size} does not split evenly over {world} data-parallel ranks",
             )
+        if self.launcher == "inprocess" and (world > 1 or self.sharded):
+            raise ConfigError(
+                "launcher",
+                f"'inprocess' trains one unsharded process; strategy {self.strategy!r} on "
+                f"{world} process(es) needs torchrun or srun",
+            )
         if (self.offload_optimizer or self.offload_parameters) and not self.strategy.startswith(
             "deepspeed"
         ):
@@ -96,11 +103,12 @@ class TrainerSpec:
     def resolved_launcher(self) -> str:
         if self.launcher != "auto":
             return self.launcher
-        if self.world_size == 1 and not (
-            self.strategy.startswith("deepspeed") and self.resolved_accelerator() == "cpu"
-        ):
-            # DeepSpeed on CPU needs a process group even for one rank: torchrun makes one.
+        if self.world_size == 1 and not self.sharded:
             return "inprocess"
+        # FSDP2 and DeepSpeed shard the modules they are given in place (ZeRO-3 leaves
+        # empty tensors behind, fully_shard DTensors), so they always train in worker
+        # processes, which hand back a file, even for one rank; torchrun also gives DeepSpeed
+        # on CPU the process group it needs.
         return "srun" if self.num_nodes > 1 else "torchrun"
 
     def resolved_accelerator(self) -> str:

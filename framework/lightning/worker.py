@@ -190,6 +190,9 @@ def _lightning(
             stage=3 if spec.strategy.endswith("3") else 2,
             offload_optimizer=spec.offload_optimizer,
             offload_parameters=spec.offload_parameters,
+            # Lightning would read this off the loader's batch sampler, which ours lacks
+            # (each step's batch comes from StepBatches by index).
+            logging_batch_size_per_gpu=spec.batch_size // spec.world_size,
         )
     elif spec.world_size > 1:
         strategy = "ddp"

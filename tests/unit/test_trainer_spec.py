@@ -25,9 +25,12 @@ def test_launcher_follows_the_process_count() -> None:
     assert TrainerSpec().resolved_launcher() == "inprocess"
     assert TrainerSpec(strategy="fsdp2", devices=2).resolved_launcher() == "torchrun"
     assert TrainerSpec(strategy="fsdp2", devices=2, num_nodes=2).resolved_launcher() == "srun"
-    # DeepSpeed on CPU needs a process group even for one rank
-    one = TrainerSpec(strategy="deepspeed_zero3", accelerator="cpu", devices=1)
-    assert one.resolved_launcher() == "torchrun"
+    # Sharding rewrites the modules it is given, so even one rank trains in a worker, on
+    # CPU and GPU alike (and DeepSpeed on CPU needs torchrun's process group)
+    for strategy in ("deepspeed_zero3", "deepspeed_zero2", "fsdp2"):
+        for accelerator in ("cpu", "gpu"):
+            one = TrainerSpec(strategy=strategy, accelerator=accelerator, devices=1)
+            assert one.resolved_launcher() == "torchrun", (strategy, accelerator)
 
 
 @pytest.mark.parametrize(
@@ -41,6 +44,8 @@ def test_launcher_follows_the_process_count() -> None:
         ({"max_minutes": 0}, "max_minutes"),
         ({"max_minutes": -1.0}, "max_minutes"),
         ({"max_minutes": "ten"}, "max_minutes"),
+        ({"strategy": "deepspeed_zero3", "launcher": "inprocess"}, "launcher"),
+        ({"strategy": "fsdp2", "devices": 2, "launcher": "inprocess"}, "launcher"),
     ],
 )
 def test_bad_values_name_their_key(kwargs: dict, key: str) -> None:
