@@ -135,7 +135,8 @@ def _train_tiny(spec, workdir: Path, lr: float = 1e-3):
         for p in student.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
     windows = torch.randint(0, 250, (16, 64), generator=torch.Generator().manual_seed(2))
-    job = TrainJob(spec, Objectives(lr=lr), seed=0, block_path="model.layers")
+    # A warm-up, so every strategy must also step the learning-rate schedule alike.
+    job = TrainJob(spec, Objectives(lr=lr, warmup_steps=2), seed=0, block_path="model.layers")
     log = fit(student, teacher, windows, job, workdir)
     return log, {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
 

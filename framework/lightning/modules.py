@@ -5,7 +5,7 @@ very same `forward`/`configure_optimizers` through a DeepSpeed engine on CPU."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,7 +22,9 @@ class Objectives:
     `temperature` (scaled by T^2 so gradients keep their size), plus `hidden_weight` x MSE
     between final hidden states; `causal_lm` = plain next-token cross-entropy (fine-tuning).
     trainable: `all`, or `norms` (norm scales and biases only: what stays trainable
-    without leaving a quantization grid)."""
+    without leaving a quantization grid). warmup_steps: the learning rate rises linearly
+    from lr / warmup_steps to lr over the first optimizer steps (0: constant lr); Adam's
+    first steps on a freshly compressed model otherwise overshoot."""
 
     objective: Objective = "distill"
     lr: float = 1e-4
@@ -30,6 +32,7 @@ class Objectives:
     temperature: float = 1.0
     hidden_weight: float = 0.0
     trainable: Trainable = "all"
+    warmup_steps: int = 0
 
 
 def select_trainable(model: nn.Module, trainable: Trainable) -> int:
@@ -168,13 +171,23 @@ class CausalLMModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.losses = [float(v) for v in checkpoint.get("sculpt_losses", [])]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         params = [p for p in self.student.parameters() if p.requires_grad]
         # foreach=False: the fused multi-tensor path is no faster on CPU and does not accept
         # DeepSpeed's flattened partitions.
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             params, lr=self.objectives.lr, weight_decay=self.objectives.weight_decay, foreach=False
         )
+        warmup = self.objectives.warmup_steps
+        if warmup <= 0:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class StepBatches(torch.utils.data.Dataset):

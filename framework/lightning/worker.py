@@ -268,8 +268,12 @@ def _deepspeed_cpu(
     }
     if spec.precision.startswith("bf16"):
         config["bf16"] = {"enabled": True}
-    optimizer = module.configure_optimizers()
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    optimizer, scheduler = module.configure_optimizers(), None
+    if isinstance(optimizer, dict):  # warm-up: the engine steps the schedule with the optimizer
+        optimizer, scheduler = optimizer["optimizer"], optimizer["lr_scheduler"]["scheduler"]
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
     fraction = local_parameter_fraction(module.student)
     engine.train()
     start = time.perf_counter()

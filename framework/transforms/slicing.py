@@ -185,6 +185,78 @@ def _run_block(
     return out
 
 
+def _outputs_of(
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    chunks: list[torch.Tensor],
+    calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]],
+) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """The block's output per chunk, and what each of `layers` produced on the way."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [
+        layer.register_forward_hook(lambda _m, _a, out, name=name: seen[name].append(out.detach()))
+        for name, layer in layers.items()
+    ]
+    try:
+        stream = _run_block(block, chunks, calls)
+    finally:
+        for h in handles:
+            h.remove()
+    return stream, seen
+
+
+def _ls_error(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, energy: float) -> float:
+    """||X W^T - Y||^2 / ||Y||^2 from G = X^T X, C = X^T Y and ||Y||^2 alone."""
+    squared = float((w @ gram * w).sum() - 2 * (w * cross.T).sum()) + energy
+    return squared / max(energy, 1e-30)
+
+
+@torch.no_grad()
+def refit_linears(
+    layers: list[nn.Linear],
+    inputs: list[torch.Tensor],
+    targets: list[list[torch.Tensor]],
+    damp: float,
+    project: torch.Tensor | None = None,
+) -> list[tuple[float, float]]:
+    """Least-squares refit of linears that share one input: each W becomes the ridge
+    solution of min ||X W^T - Y||^2 over the calibration tokens (X the sliced model's own
+    input to the layer, Y the original model's output there, projected by `project` [d, k]
+    for a writer into the sliced stream), plus a ridge lambda ||W - W_sliced||^2 with
+    lambda = `damp` times the mean of diag(X^T X) (as GPTQ dampens its Hessian). Returns each layer's relative error (||X W^T - Y||^2 /
+    ||Y||^2) before and after."""
+    gram: torch.Tensor | None = None
+    cross: list[torch.Tensor | None] = [None] * len(layers)
+    energy = [0.0] * len(layers)
+    for i, x in enumerate(inputs):
+        x2 = x.reshape(-1, x.shape[-1]).double()
+        g = x2.T @ x2
+        gram = g if gram is None else gram + g
+        for j, target in enumerate(targets):
+            y = target[i].reshape(-1, target[i].shape[-1]).double()
+            if project is not None:
+                y = y @ project.to(y.device)
+            c = x2.T @ y
+            cross[j] = c if cross[j] is None else cross[j] + c
+            energy[j] += float(y.pow(2).sum())
+    assert gram is not None
+    ridge = damp * float(gram.diagonal().mean()) + 1e-12
+    solve = torch.linalg.cholesky(
+        gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    )
+    errors = []
+    for layer, c, total in zip(layers, cross, energy, strict=True):
+        assert c is not None
+        old = layer.weight.data.double()
+        # The ridge pulls towards the sliced weight, not towards zero: directions the
+        # calibration tokens do not reach keep what slicing gave them.
+        new = torch.cholesky_solve(c + ridge * old.T, solve).T
+        before, after = (_ls_error(w, gram, c, total) for w in (old, new))
+        errors.append((before, after))
+        _set_linear(layer, new)
+    return errors
+
+
 @torch.no_grad()
 def slice_per_layer(
     model: nn.Module,
@@ -196,6 +268,8 @@ def slice_per_layer(
     norm_correction: bool = True,
     anchor: torch.Tensor | None = None,
     anchor_weight: float = 0.0,
+    refit_damp: float | None = None,
+    refit_errors: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """SliceGPT's per-layer slicing, calibrated sequentially on `windows`. Returns the
     sliced model (a new SlicedLlamaForCausalLM, hidden_size = keep; `model` is left folded
@@ -211,6 +285,12 @@ def slice_per_layer(
     each point's PCA is of (1 - a) C / tr C + a anchor / tr anchor instead of C, pulling
     the bases towards one shared basis (a = 1: every basis the anchor's, identity
     shortcuts up to rounding). The kept fractions are always of C itself.
+
+    refit_damp (a ridge, e.g. 0.01; None: off): after each linear is sliced, refit it by
+    least squares (refit_linears) so that, on the sliced model's own inputs, it produces
+    what the original layer produced on the original model's inputs (a writer: that
+    output in the new basis). The original model runs beside the sliced one, block by
+    block; each layer's error before and after goes to `refit_errors` by its path.
     """
     if arch.family != "llama":
         raise SculptError(
@@ -252,23 +332,60 @@ def slice_per_layer(
     _slice_embedding(sliced, arch, q)
     chunks = project(chunks, q)
     assert arch.mlp_norm is not None and arch.head is not None
+    refit = refit_damp is not None
+    if refit:
+        # The original model (folded, untied: the same function) runs beside the sliced one.
+        teacher_blocks = blocks(model, arch)
+        teacher_parts = block_parts(model, arch)
+        teacher_in = capture_block_inputs(model, teacher_blocks[0], windows, batch_size, device)
+        teacher_chunks = [teacher_in.hidden[rows] for rows, _, _ in teacher_in.calls]
+    calls = inputs.calls
+
+    def fit(i: int, names: list[str], group: list[nn.Linear], targets, stop_at, proj=None):
+        assert refit_damp is not None
+        xs = _run_block(layers[i], chunks, calls, stop_at)
+        errors = refit_linears(group, xs, [targets[n] for n in names], refit_damp, proj)
+        if refit_errors is not None:
+            for name, err in zip(names, errors, strict=True):
+                refit_errors[f"{arch.blocks}.{i}.{name}"] = err
+
     for i, (block, parts) in enumerate(zip(layers, block_parts(sliced, arch), strict=True)):
+        if refit:
+            tp = teacher_parts[i]
+            wanted = {"q": tp.q, "k": tp.k, "v": tp.v, "o": tp.o, "mlp_out": tp.mlp_out}
+            wanted |= {f"mlp_in{j}": m for j, m in enumerate(tp.mlp_in)}
+            teacher_chunks, want = _outputs_of(
+                teacher_blocks[i], wanted, teacher_chunks, teacher_in.calls
+            )
         for layer in (parts.q, parts.k, parts.v):
             _read(layer, q)
+        if refit:
+            fit(i, ["q", "k", "v"], [parts.q, parts.k, parts.v], want, parts.q)
         _set_linear(block.attn_shortcut, q)  # for now back to d: x_k Q_k^T
-        mids = _run_block(block, chunks, inputs.calls, block.get_submodule(arch.mlp_norm))
+        mids = _run_block(block, chunks, calls, block.get_submodule(arch.mlp_norm))
         q_mid = settle(paths[2 * i + 1], mids)
         del mids
         _set_linear(block.attn_shortcut, (q.T @ q_mid).T)
         _write(parts.o, q_mid)
+        if refit:
+            fit(i, ["o"], [parts.o], want, parts.o, q_mid)
         for layer in parts.mlp_in:
             _read(layer, q_mid)
+        if refit:
+            names = [f"mlp_in{j}" for j in range(len(parts.mlp_in))]
+            fit(i, names, parts.mlp_in, want, parts.mlp_in[0])
         _set_linear(block.mlp_shortcut, q_mid)
-        outs = _run_block(block, chunks, inputs.calls)
+        outs = _run_block(block, chunks, calls)
         q_out = settle(paths[2 * i + 2], outs)
         _set_linear(block.mlp_shortcut, (q_mid.T @ q_out).T)
         _write(parts.mlp_out, q_out)
-        chunks, q = project(outs, q_out), q_out
+        if refit:
+            fit(i, ["mlp_out"], [parts.mlp_out], want, parts.mlp_out, q_out)
+            del want
+            chunks = _run_block(block, chunks, calls)  # the stream as the refit block makes it
+        else:
+            chunks = project(outs, q_out)
+        q = q_out
         del outs
     _read(sliced.get_submodule(arch.head), q)
     return _finish(sliced, keep, shape.head_dim), fractions

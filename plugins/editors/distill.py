@@ -25,7 +25,8 @@ class Distill(Editor):
     trainable: `auto` trains norm scales and biases only when a previous stage left the
     weights on a quantization grid (so the container stays valid), everything otherwise
     (a sliced or pruned model); `all` / `norms` force either.
-    windows: calibration windows to train on (null: all of them)."""
+    windows: calibration windows to train on (null: all of them).
+    warmup_steps: linear learning-rate warm-up over the first optimizer steps (0: none)."""
 
     needs_calibration = True
     needs_reference = True
@@ -40,6 +41,7 @@ class Distill(Editor):
         hidden_weight: float = 0.0,
         trainable: Literal["auto", "all", "norms"] = "auto",
         windows: int | None = None,
+        warmup_steps: int = 0,
     ):
         if not lr > 0:
             raise ConfigError("lr", f"must be > 0, got {lr}")
@@ -51,7 +53,10 @@ class Distill(Editor):
             raise ConfigError("windows", f"must be >= 1 or null, got {windows}")
         self.objective, self.lr, self.weight_decay = objective, lr, weight_decay
         self.temperature, self.hidden_weight = temperature, hidden_weight
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ConfigError("warmup_steps", f"must be an integer >= 0, got {warmup_steps!r}")
         self.trainable, self.windows = trainable, windows
+        self.warmup_steps = warmup_steps
 
     def edit(self, model: nn.Module, ctx: Context) -> StageResult:
         from framework.lightning.launch import fit
@@ -79,6 +84,7 @@ class Distill(Editor):
                 temperature=self.temperature,
                 hidden_weight=self.hidden_weight,
                 trainable=trainable,
+                warmup_steps=self.warmup_steps,
             ),
             seed=ctx.seed,
             block_path=ctx.arch.blocks,

@@ -54,6 +54,24 @@ def test_a_time_budget_stops_training_early(tiny, make_ctx, tmp_path) -> None:
     assert len(result.tables["loss"]) == steps
 
 
+def test_warmup_scales_the_first_steps(tiny, make_ctx, tmp_path) -> None:
+    """Adam's first step moves a weight by about lr whatever its gradient's size; with
+    warmup_steps=4 the first step's lr is lr / 4, so the largest change is about a quarter."""
+    moved = {}
+    for warmup in (0, 4):
+        loaded = build_tiny_llama(seed=0)
+        ctx = make_ctx(loaded, tmp_path / str(warmup), stage_name="distill")
+        ctx.reference = build_tiny_llama(seed=1).model.eval()
+        ctx.trainer = TrainerSpec(max_steps=1, batch_size=2, gradient_clip_val=None)
+        before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+        Distill(lr=1e-3, warmup_steps=warmup).edit(loaded.model, ctx)
+        moved[warmup] = max(
+            float((v - before[k]).abs().max()) for k, v in loaded.model.state_dict().items()
+        )
+    assert moved[0] == pytest.approx(1e-3, rel=0.05)
+    assert moved[4] == pytest.approx(moved[0] / 4, rel=0.05)
+
+
 def test_bad_values_are_refused() -> None:
     from framework.errors import ConfigError
 
@@ -61,3 +79,7 @@ def test_bad_values_are_refused() -> None:
         Distill(lr=0)
     with pytest.raises(ConfigError, match="windows"):
         Distill(windows=0)
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        Distill(warmup_steps=-1)
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        Distill(warmup_steps=2.5)  # type: ignore[arg-type]
