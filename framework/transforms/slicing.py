@@ -228,17 +228,20 @@ def refit_linears(
     gram: torch.Tensor | None = None
     cross: list[torch.Tensor | None] = [None] * len(layers)
     energy = [0.0] * len(layers)
+    proj = None if project is None else project.float()
     for i, x in enumerate(inputs):
-        x2 = x.reshape(-1, x.shape[-1]).double()
-        g = x2.T @ x2
+        # Products in float32 a chunk at a time, sums across chunks in float64: the float64
+        # products cost several times more on a CPU and add nothing at this size.
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        g = (x2.T @ x2).double()
         gram = g if gram is None else gram + g
         for j, target in enumerate(targets):
-            y = target[i].reshape(-1, target[i].shape[-1]).double()
-            if project is not None:
-                y = y @ project.to(y.device)
-            c = x2.T @ y
+            y = target[i].reshape(-1, target[i].shape[-1]).float()
+            if proj is not None:
+                y = y @ proj.to(y.device)
+            c = (x2.T @ y).double()
             cross[j] = c if cross[j] is None else cross[j] + c
-            energy[j] += float(y.pow(2).sum())
+            energy[j] += float(y.double().pow(2).sum())
     assert gram is not None
     ridge = damp * float(gram.diagonal().mean()) + 1e-12
     solve = torch.linalg.cholesky(

@@ -579,7 +579,8 @@ def test_refit_of_nothing_sliced_keeps_the_function(
     tiny_scaled: LoadedModel, ids, tiny_windows
 ) -> None:
     """keep = d: every sliced linear already reproduces the original outputs exactly, so the
-    least-squares refit (a tiny ridge) must leave the logits where they were."""
+    least-squares refit (the default ridge, which pulls towards the sliced weight) must
+    leave the logits where they were."""
     errors: dict[str, tuple[float, float]] = {}
     sliced, _ = slice_per_layer(
         copy.deepcopy(tiny_scaled.model),
@@ -587,11 +588,12 @@ def test_refit_of_nothing_sliced_keeps_the_function(
         tiny_windows["calibration"],
         keep=64,
         batch_size=2,
-        refit_damp=1e-9,
+        refit_damp=0.01,
         refit_errors=errors,
     )
     assert len(errors) == 2 * 7  # q, k, v, o, gate, up, down per block
-    assert all(before < 1e-8 and after < 1e-8 for before, after in errors.values())
+    # float32 products: the relative error reads as zero to about 1e-6
+    assert all(before < 1e-5 and after < 1e-5 for before, after in errors.values())
     assert _rel(_logits(sliced, ids), _logits(tiny_scaled.model, ids)) < TOL
 
 
