@@ -190,12 +190,21 @@ def _outputs_of(
     layers: dict[str, nn.Linear],
     chunks: list[torch.Tensor],
     calls: list[tuple[slice, tuple[Any, ...], dict[str, Any]]],
+    inputs_of: dict[str, nn.Module] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """The block's output per chunk, and what each of `layers` produced on the way."""
+    """The block's output per chunk, and what each of `layers` produced on the way (and,
+    for `inputs_of`, what each of those modules received)."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    seen |= {name: [] for name in inputs_of or {}}
     handles = [
         layer.register_forward_hook(lambda _m, _a, out, name=name: seen[name].append(out.detach()))
         for name, layer in layers.items()
+    ]
+    handles += [
+        module.register_forward_pre_hook(
+            lambda _m, args, name=name: seen[name].append(args[0].detach())
+        )
+        for name, module in (inputs_of or {}).items()
     ]
     try:
         stream = _run_block(block, chunks, calls)
@@ -273,6 +282,7 @@ def slice_per_layer(
     anchor_weight: float = 0.0,
     refit_damp: float | None = None,
     refit_errors: dict[str, tuple[float, float]] | None = None,
+    refit_target: str = "layer",
 ) -> tuple[nn.Module, dict[str, float]]:
     """SliceGPT's per-layer slicing, calibrated sequentially on `windows`. Returns the
     sliced model (a new SlicedLlamaForCausalLM, hidden_size = keep; `model` is left folded
@@ -294,6 +304,10 @@ def slice_per_layer(
     what the original layer produced on the original model's inputs (a writer: that
     output in the new basis). The original model runs beside the sliced one, block by
     block; each layer's error before and after goes to `refit_errors` by its path.
+    refit_target=stream: a writer (o, down) is fitted instead to what the stream should
+    hold after it, the original model's stream in the new basis minus what the sliced
+    model's shortcut already carries, so it also absorbs the error the stream has
+    accumulated so far, where its input can predict it.
     """
     if arch.family != "llama":
         raise SculptError(
@@ -358,8 +372,14 @@ def slice_per_layer(
             wanted = {"q": tp.q, "k": tp.k, "v": tp.v, "o": tp.o, "mlp_out": tp.mlp_out}
             wanted |= {f"mlp_in{j}": m for j, m in enumerate(tp.mlp_in)}
             teacher_chunks, want = _outputs_of(
-                teacher_blocks[i], wanted, teacher_chunks, teacher_in.calls
+                teacher_blocks[i],
+                wanted,
+                teacher_chunks,
+                teacher_in.calls,
+                {"mid": teacher_blocks[i].get_submodule(arch.mlp_norm)},
             )
+            if refit_target == "stream":
+                stream_in = chunks  # the sliced stream entering the block, basis q
         for layer in (parts.q, parts.k, parts.v):
             _read(layer, q)
         if refit:
@@ -370,7 +390,14 @@ def slice_per_layer(
         del mids
         _set_linear(block.attn_shortcut, (q.T @ q_mid).T)
         _write(parts.o, q_mid)
-        if refit:
+        if refit and refit_target == "stream":
+            lift = q.T @ q_mid  # what the attention shortcut does to the sliced stream
+            want["o"] = [
+                (t.double() @ q_mid - x.double() @ lift.to(x.device)).to(t.dtype)
+                for t, x in zip(want["mid"], stream_in, strict=True)
+            ]
+            fit(i, ["o"], [parts.o], want, parts.o)
+        elif refit:
             fit(i, ["o"], [parts.o], want, parts.o, q_mid)
         for layer in parts.mlp_in:
             _read(layer, q_mid)
@@ -382,8 +409,18 @@ def slice_per_layer(
         q_out = settle(paths[2 * i + 2], outs)
         _set_linear(block.mlp_shortcut, (q_mid.T @ q_out).T)
         _write(parts.mlp_out, q_out)
-        if refit:
+        if refit and refit_target == "stream":
+            mids_now = _run_block(block, chunks, calls, block.get_submodule(arch.mlp_norm))
+            lift = q_mid.T @ q_out
+            want["mlp_out"] = [
+                (t.double() @ q_out - x.double() @ lift.to(x.device)).to(t.dtype)
+                for t, x in zip(teacher_chunks, mids_now, strict=True)
+            ]
+            del mids_now
+            fit(i, ["mlp_out"], [parts.mlp_out], want, parts.mlp_out)
+        elif refit:
             fit(i, ["mlp_out"], [parts.mlp_out], want, parts.mlp_out, q_out)
+        if refit:
             del want
             chunks = _run_block(block, chunks, calls)  # the stream as the refit block makes it
         else:

@@ -149,6 +149,9 @@ class Slice(Compressor):
             reconstruction from the calibration windows, solved exactly; the original model
             runs beside the sliced one (about 3x the slicing's forward passes).
         refit_damp: the refit's ridge, as a fraction of the mean diagonal of X^T X.
+        refit_target: layer: every linear matches the original layer's output; stream: the
+            writers (o, down) match what the original stream holds after them, less what
+            the sliced shortcut carries, so they also absorb the error accumulated so far.
     """
 
     needs_calibration = True
@@ -165,6 +168,7 @@ class Slice(Compressor):
         global_mix: float = 0.0,
         refit: bool = False,
         refit_damp: float = 0.01,
+        refit_target: Literal["layer", "stream"] = "layer",
     ):
         if not (isinstance(sparsity, int | float) and 0.0 <= sparsity < 1.0):
             raise ConfigError("sparsity", f"{sparsity} must be a fraction in [0, 1)")
@@ -198,7 +202,10 @@ class Slice(Compressor):
             raise ConfigError("refit", "the least-squares refit runs with basis=per_layer")
         if not (isinstance(refit_damp, int | float) and refit_damp > 0):
             raise ConfigError("refit_damp", f"{refit_damp!r} must be a number > 0")
+        if refit_target not in ("layer", "stream"):
+            raise ConfigError("refit_target", f"'{refit_target}' is not one of layer, stream")
         self.refit = refit
+        self.refit_target = refit_target
         self.refit_damp = float(refit_damp)
 
     def kept_width(self, d: int) -> int:
@@ -242,6 +249,7 @@ class Slice(Compressor):
                     self.global_mix,
                     self.refit_damp if self.refit else None,
                     refit_errors,
+                    self.refit_target,
                 )
                 spectrum_kept = sum(fractions.values()) / len(fractions)
         finally:

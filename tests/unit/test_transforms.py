@@ -575,8 +575,9 @@ def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float((ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1).mean())
 
 
+@pytest.mark.parametrize("target", ["layer", "stream"])
 def test_refit_of_nothing_sliced_keeps_the_function(
-    tiny_scaled: LoadedModel, ids, tiny_windows
+    target: str, tiny_scaled: LoadedModel, ids, tiny_windows
 ) -> None:
     """keep = d: every sliced linear already reproduces the original outputs exactly, so the
     least-squares refit (the default ridge, which pulls towards the sliced weight) must
@@ -590,6 +591,7 @@ def test_refit_of_nothing_sliced_keeps_the_function(
         batch_size=2,
         refit_damp=0.01,
         refit_errors=errors,
+        refit_target=target,
     )
     assert len(errors) == 2 * 7  # q, k, v, o, gate, up, down per block
     # float32 products: the relative error reads as zero to about 1e-6
@@ -597,7 +599,8 @@ def test_refit_of_nothing_sliced_keeps_the_function(
     assert _rel(_logits(sliced, ids), _logits(tiny_scaled.model, ids)) < TOL
 
 
-def test_refit_lowers_every_layer_error_and_the_kl() -> None:
+@pytest.mark.parametrize("target", ["layer", "stream"])
+def test_refit_lowers_every_layer_error_and_the_kl(target: str) -> None:
     """At 50% the sliced linears miss the original outputs; the refit must lower each one's
     calibration error and bring the logits closer to the original's, on the calibration
     windows where it was fitted and on held-out windows of the same distribution (2,048
@@ -617,6 +620,7 @@ def test_refit_lowers_every_layer_error_and_the_kl() -> None:
             batch_size=8,
             refit_damp=0.01 if refit else None,
             refit_errors=errors,
+            refit_target=target,
         )
         kl[refit] = {k: _kl(refs[k], _logits(sliced, w)) for k, w in sets.items()}
     assert len(errors) == 14
@@ -633,3 +637,5 @@ def test_refit_config_errors() -> None:
         Slice(basis="per_layer", refit="yes")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="refit_damp"):
         Slice(basis="per_layer", refit=True, refit_damp=0)
+    with pytest.raises(ConfigError, match="refit_target"):
+        Slice(basis="per_layer", refit=True, refit_target="block")  # type: ignore[arg-type]
