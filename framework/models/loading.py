@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from framework.errors import SculptError
+from framework.heap import release_freed_memory
 from framework.io import atomic_dir
 from framework.models.arch import ArchMap, arch_for
 
@@ -108,6 +109,7 @@ def load_hf(path: str, dtype: str = "float32", name: str | None = None) -> Loade
         raise
     except (OSError, ValueError) as exc:
         raise SculptError(f"model.path: cannot load '{path}': {exc}") from exc
+    release_freed_memory()  # the loader's temporaries (tens of MB) stay resident otherwise
     return _finish(model, tokenizer, name or Path(str(path)).name, where=f"model.path: {path}")
 
 

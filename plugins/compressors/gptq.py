@@ -55,6 +55,7 @@ from framework.calibration import (
 )
 from framework.codecs.uniform import UniformGrid, dequantize, encode, fit_params, quantize_codes
 from framework.errors import ConfigError, SculptError
+from framework.heap import release_freed_memory
 from framework.models import block_linears, blocks
 from framework.models.arch import ArchMap
 from framework.plugins import Compressor, Context, StageResult
@@ -444,6 +445,9 @@ def quantize_sequentially(
                         name = names[id(layer)]
                         encoded[f"{name}.weight"], row = quantize_into(layer, hessians.pop(rel))
                         rows_out.append({"layer": name, "role": rel, **row})
+                # A block's passes free their activations; keep the high-water mark at one
+                # block's worth rather than letting the heap hold every block's peak.
+                release_freed_memory()
                 if outputs is None:
                     _run_block(block, inputs, write=True)
                 elif outputs is not inputs.hidden:
