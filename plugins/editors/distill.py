@@ -26,7 +26,10 @@ class Distill(Editor):
     weights on a quantization grid (so the container stays valid), everything otherwise
     (a sliced or pruned model); `all` / `norms` force either.
     windows: calibration windows to train on (null: all of them).
-    warmup_steps: linear learning-rate warm-up over the first optimizer steps (0: none)."""
+    warmup_steps: linear learning-rate warm-up over the first optimizer steps (0: none).
+    seq_len: cut every calibration window into pieces of this many tokens (null: whole
+    windows): under a time budget, shorter sequences give more optimizer steps for the same
+    tokens."""
 
     needs_calibration = True
     needs_reference = True
@@ -42,6 +45,7 @@ class Distill(Editor):
         trainable: Literal["auto", "all", "norms"] = "auto",
         windows: int | None = None,
         warmup_steps: int = 0,
+        seq_len: int | None = None,
     ):
         if not lr > 0:
             raise ConfigError("lr", f"must be > 0, got {lr}")
@@ -57,6 +61,11 @@ class Distill(Editor):
             raise ConfigError("warmup_steps", f"must be an integer >= 0, got {warmup_steps!r}")
         self.trainable, self.windows = trainable, windows
         self.warmup_steps = warmup_steps
+        if seq_len is not None and (
+            isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2
+        ):
+            raise ConfigError("seq_len", f"must be an integer >= 2 or null, got {seq_len!r}")
+        self.seq_len = seq_len
 
     def edit(self, model: nn.Module, ctx: Context) -> StageResult:
         from framework.lightning.launch import fit
@@ -94,6 +103,13 @@ class Distill(Editor):
         out_dir = ctx.stage_dir(ctx.stage_name)
         out_dir.mkdir(parents=True, exist_ok=True)
         windows = ctx.calibration(self.windows)
+        if self.seq_len is not None:
+            if self.seq_len > windows.shape[1]:
+                raise ConfigError(
+                    "seq_len", f"{self.seq_len} is longer than the windows ({windows.shape[1]})"
+                )
+            pieces = windows.shape[1] // self.seq_len
+            windows = windows[:, : pieces * self.seq_len].reshape(-1, self.seq_len)
         outcome = fit(model, teacher, windows, job, out_dir)
         losses = outcome["losses"]
         plot = line_plot(

@@ -72,6 +72,33 @@ def test_warmup_scales_the_first_steps(tiny, make_ctx, tmp_path) -> None:
     assert moved[4] == pytest.approx(moved[0] / 4, rel=0.05)
 
 
+def test_seq_len_cuts_the_windows(tiny, make_ctx, tmp_path) -> None:
+    """seq_len=16 turns each 64-token calibration window into 4 training sequences: with
+    the same batch size a step sees a quarter of the tokens, and the stage still trains."""
+    from framework.errors import ConfigError
+
+    ctx = make_ctx(tiny, tmp_path, stage_name="distill")
+    ctx.reference = build_tiny_llama(seed=1).model.eval()
+    ctx.trainer = TrainerSpec(max_steps=6, batch_size=2)
+    seen: list[tuple[int, ...]] = []
+    hook = tiny.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(
+            tuple(
+                (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape
+            )
+        ),
+        with_kwargs=True,
+    )
+    try:
+        result = Distill(lr=3e-3, seq_len=16).edit(tiny.model, ctx)
+    finally:
+        hook.remove()
+    assert seen and all(shape[-1] == 16 for shape in seen)
+    assert result.metrics["loss_last"] < result.metrics["loss_first"]
+    with pytest.raises(ConfigError, match="seq_len"):
+        Distill(seq_len=65).edit(tiny.model, ctx)
+
+
 def test_bad_values_are_refused() -> None:
     from framework.errors import ConfigError
 
@@ -81,5 +108,7 @@ def test_bad_values_are_refused() -> None:
         Distill(windows=0)
     with pytest.raises(ConfigError, match="warmup_steps"):
         Distill(warmup_steps=-1)
+    with pytest.raises(ConfigError, match="seq_len"):
+        Distill(seq_len=1)
     with pytest.raises(ConfigError, match="warmup_steps"):
         Distill(warmup_steps=2.5)  # type: ignore[arg-type]
