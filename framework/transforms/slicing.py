@@ -28,6 +28,7 @@ calibration estimate, sqrt(d / k * kept energy fraction at that norm) (norm_gain
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -283,6 +284,7 @@ def slice_per_layer(
     refit_damp: float | None = None,
     refit_errors: dict[str, tuple[float, float]] | None = None,
     refit_target: str = "layer",
+    track: Callable[[Any], Any] | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """SliceGPT's per-layer slicing, calibrated sequentially on `windows`. Returns the
     sliced model (a new SlicedLlamaForCausalLM, hidden_size = keep; `model` is left folded
@@ -308,6 +310,7 @@ def slice_per_layer(
     hold after it, the original model's stream in the new basis minus what the sliced
     model's shortcut already carries, so it also absorbs the error the stream has
     accumulated so far, where its input can predict it.
+    track: wraps the loop over blocks (progress reporting, e.g. Context.track).
     """
     if arch.family != "llama":
         raise SculptError(
@@ -366,7 +369,8 @@ def slice_per_layer(
             for name, err in zip(names, errors, strict=True):
                 refit_errors[f"{arch.blocks}.{i}.{name}"] = err
 
-    for i, (block, parts) in enumerate(zip(layers, block_parts(sliced, arch), strict=True)):
+    pairs = list(zip(layers, block_parts(sliced, arch), strict=True))
+    for i, (block, parts) in enumerate(track(pairs) if track else pairs):
         if refit:
             tp = teacher_parts[i]
             wanted = {"q": tp.q, "k": tp.k, "v": tp.v, "o": tp.o, "mlp_out": tp.mlp_out}

@@ -250,6 +250,7 @@ class Slice(Compressor):
                     self.refit_damp if self.refit else None,
                     refit_errors,
                     self.refit_target,
+                    lambda blocks: ctx.track(blocks, description="slice blocks"),
                 )
                 spectrum_kept = sum(fractions.values()) / len(fractions)
         finally:
