@@ -575,6 +575,29 @@ def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float((ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1).mean())
 
 
+def _refit_sliced(
+    loaded: LoadedModel,
+    windows: torch.Tensor,
+    keep: int,
+    damp: float | None,
+    target: str,
+    errors: dict[str, tuple[float, float]],
+) -> nn.Module:
+    """Per-layer slicing of a copy of `loaded` to `keep`, refitted with ridge `damp`
+    (None: no refit); each layer's errors land in `errors`."""
+    sliced, _ = slice_per_layer(
+        copy.deepcopy(loaded.model),
+        loaded.arch,
+        windows,
+        keep=keep,
+        batch_size=8,
+        refit_damp=damp,
+        refit_errors=errors,
+        refit_target=target,
+    )
+    return sliced
+
+
 @pytest.mark.parametrize("target", ["layer", "stream"])
 def test_refit_of_nothing_sliced_keeps_the_function(
     target: str, tiny_scaled: LoadedModel, ids, tiny_windows
@@ -583,16 +606,7 @@ def test_refit_of_nothing_sliced_keeps_the_function(
     least-squares refit (the default ridge, which pulls towards the sliced weight) must
     leave the logits where they were."""
     errors: dict[str, tuple[float, float]] = {}
-    sliced, _ = slice_per_layer(
-        copy.deepcopy(tiny_scaled.model),
-        tiny_scaled.arch,
-        tiny_windows["calibration"],
-        keep=64,
-        batch_size=2,
-        refit_damp=0.01,
-        refit_errors=errors,
-        refit_target=target,
-    )
+    sliced = _refit_sliced(tiny_scaled, tiny_windows["calibration"], 64, 0.01, target, errors)
     assert len(errors) == 2 * 7  # q, k, v, o, gate, up, down per block
     # float32 products: the relative error reads as zero to about 1e-6
     assert all(before < 1e-5 and after < 1e-5 for before, after in errors.values())
@@ -612,16 +626,8 @@ def test_refit_lowers_every_layer_error_and_the_kl(target: str) -> None:
     kl: dict[bool, dict[str, float]] = {}
     errors: dict[str, tuple[float, float]] = {}
     for refit in (False, True):
-        sliced, _ = slice_per_layer(
-            copy.deepcopy(loaded.model),
-            loaded.arch,
-            sets["calibration"],
-            keep=32,
-            batch_size=8,
-            refit_damp=0.01 if refit else None,
-            refit_errors=errors,
-            refit_target=target,
-        )
+        damp = 0.01 if refit else None
+        sliced = _refit_sliced(loaded, sets["calibration"], 32, damp, target, errors)
         kl[refit] = {k: _kl(refs[k], _logits(sliced, w)) for k, w in sets.items()}
     assert len(errors) == 14
     assert all(after <= before + 1e-9 for before, after in errors.values())
