@@ -233,8 +233,8 @@ def refit_linears(
     solution of min ||X W^T - Y||^2 over the calibration tokens (X the sliced model's own
     input to the layer, Y the original model's output there, projected by `project` [d, k]
     for a writer into the sliced stream), plus a ridge lambda ||W - W_sliced||^2 with
-    lambda = `damp` times the mean of diag(X^T X) (as GPTQ dampens its Hessian). Returns each layer's relative error (||X W^T - Y||^2 /
-    ||Y||^2) before and after."""
+    lambda = `damp` times the mean of diag(X^T X) (as GPTQ dampens its Hessian). Returns
+    each layer's relative error (||X W^T - Y||^2 / ||Y||^2) before and after."""
     gram: torch.Tensor | None = None
     cross: list[torch.Tensor | None] = [None] * len(layers)
     energy = [0.0] * len(layers)
@@ -268,6 +268,22 @@ def refit_linears(
         errors.append((before, after))
         _set_linear(layer, new)
     return errors
+
+
+def _stream_targets(
+    original: list[torch.Tensor],
+    sliced: list[torch.Tensor],
+    q_from: torch.Tensor,
+    q_to: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Per chunk, what a writer into basis `q_to` must add for the sliced stream to hold the
+    original one: the original stream in the new basis, less what the sliced shortcut
+    carries over from the sliced stream in basis `q_from`."""
+    lift = q_from.T @ q_to
+    return [
+        (t.double() @ q_to - x.double() @ lift.to(x.device)).to(t.dtype)
+        for t, x in zip(original, sliced, strict=True)
+    ]
 
 
 @torch.no_grad()
@@ -375,15 +391,16 @@ def slice_per_layer(
             tp = teacher_parts[i]
             wanted = {"q": tp.q, "k": tp.k, "v": tp.v, "o": tp.o, "mlp_out": tp.mlp_out}
             wanted |= {f"mlp_in{j}": m for j, m in enumerate(tp.mlp_in)}
+            # The stream target also needs the original stream between the two sublayers.
+            mid = {"mid": teacher_blocks[i].get_submodule(arch.mlp_norm)}
             teacher_chunks, want = _outputs_of(
                 teacher_blocks[i],
                 wanted,
                 teacher_chunks,
                 teacher_in.calls,
-                {"mid": teacher_blocks[i].get_submodule(arch.mlp_norm)},
+                mid if refit_target == "stream" else None,
             )
-            if refit_target == "stream":
-                stream_in = chunks  # the sliced stream entering the block, basis q
+            stream_in = chunks  # the sliced stream entering the block, basis q
         for layer in (parts.q, parts.k, parts.v):
             _read(layer, q)
         if refit:
@@ -395,11 +412,7 @@ def slice_per_layer(
         _set_linear(block.attn_shortcut, (q.T @ q_mid).T)
         _write(parts.o, q_mid)
         if refit and refit_target == "stream":
-            lift = q.T @ q_mid  # what the attention shortcut does to the sliced stream
-            want["o"] = [
-                (t.double() @ q_mid - x.double() @ lift.to(x.device)).to(t.dtype)
-                for t, x in zip(want["mid"], stream_in, strict=True)
-            ]
+            want["o"] = _stream_targets(want["mid"], stream_in, q, q_mid)
             fit(i, ["o"], [parts.o], want, parts.o)
         elif refit:
             fit(i, ["o"], [parts.o], want, parts.o, q_mid)
@@ -415,11 +428,7 @@ def slice_per_layer(
         _write(parts.mlp_out, q_out)
         if refit and refit_target == "stream":
             mids_now = _run_block(block, chunks, calls, block.get_submodule(arch.mlp_norm))
-            lift = q_mid.T @ q_out
-            want["mlp_out"] = [
-                (t.double() @ q_out - x.double() @ lift.to(x.device)).to(t.dtype)
-                for t, x in zip(teacher_chunks, mids_now, strict=True)
-            ]
+            want["mlp_out"] = _stream_targets(teacher_chunks, mids_now, q_mid, q_out)
             del mids_now
             fit(i, ["mlp_out"], [parts.mlp_out], want, parts.mlp_out)
         elif refit:

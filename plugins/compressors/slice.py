@@ -277,7 +277,12 @@ class Slice(Compressor):
         block_after = shortcuts + sum(w.weight.numel() for w in block_linears(model, arch).values())
         frac = list(fractions.values())
         refit_metrics: dict[str, float] = {}
+        tables = {"energy_kept": [{"norm": p, "kept": f} for p, f in fractions.items()]}
         if refit_errors:
+            tables["refit"] = [
+                {"linear": n, "error_before": b, "error_after": a}
+                for n, (b, a) in refit_errors.items()
+            ]
             before = [b for b, _ in refit_errors.values()]
             after = [a for _, a in refit_errors.values()]
             refit_metrics = {
@@ -318,19 +323,7 @@ class Slice(Compressor):
                 **refit_metrics,
             },
             artifacts={"compressed": path},
-            tables={
-                "energy_kept": [{"norm": p, "kept": f} for p, f in fractions.items()],
-                **(
-                    {
-                        "refit": [
-                            {"linear": n, "error_before": b, "error_after": a}
-                            for n, (b, a) in refit_errors.items()
-                        ]
-                    }
-                    if refit_errors
-                    else {}
-                ),
-            },
+            tables=tables,
             model=model,
         )
 
