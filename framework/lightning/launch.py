@@ -36,15 +36,7 @@ def fit(
     shares, seconds)."""
     launcher = job.spec.resolved_launcher()
     if launcher == "inprocess":
-        had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-        try:
-            outcome = train(student, teacher, windows, job)
-        finally:
-            # Lightning (NCCL on a GPU) and DeepSpeed start a process group even for one
-            # process and leave it behind; a later stage in this process would then reduce
-            # through a group of the wrong backend.
-            if not had_group and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+        outcome = train(student, teacher, windows, job)
         assert outcome.state_dict is not None
         student.load_state_dict(outcome.state_dict)
         student.eval()

@@ -50,9 +50,6 @@ def global_mean(value: torch.Tensor) -> float:
     global batch, so this is the global batch's mean)."""
     value = value.detach().float().reshape(1).clone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # NCCL reduces CUDA tensors only, also when this rank's loss was computed on CPU.
-        if torch.distributed.get_backend() == "nccl":
-            value = value.to(torch.device("cuda", torch.cuda.current_device()))
         torch.distributed.all_reduce(value)
         value /= torch.distributed.get_world_size()
     return float(value.item())
