@@ -100,8 +100,6 @@ class Distill(Editor):
             # trainer.checkpoint_every_n_steps > 0: a killed stage continues from here
             checkpoint_dir=str(ctx.resume_dir) if ctx.resume_dir else None,
         )
-        out_dir = ctx.stage_dir(ctx.stage_name)
-        out_dir.mkdir(parents=True, exist_ok=True)
         windows = ctx.calibration(self.windows)
         if self.seq_len is not None:
             if self.seq_len > windows.shape[1]:
@@ -110,6 +108,8 @@ class Distill(Editor):
                 )
             pieces = windows.shape[1] // self.seq_len
             windows = windows[:, : pieces * self.seq_len].reshape(-1, self.seq_len)
+        out_dir = ctx.stage_dir(ctx.stage_name)
+        out_dir.mkdir(parents=True, exist_ok=True)
         outcome = fit(model, teacher, windows, job, out_dir)
         losses = outcome["losses"]
         plot = line_plot(
