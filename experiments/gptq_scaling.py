@@ -9,7 +9,10 @@ of time against the number of quantized weights, and writes them as JSON (atomic
 Memory: each row also reports the process's resident memory once the model and windows
 are loaded and its peak during GPTQ (sampled, framework.eval.measure), beside the fp32
 size of the model's parameters; `--offload` keeps the block activations in a file
-(compressor.offload_activations), `--batch-size` sets the windows per forward chunk.
+(compressor.offload_activations), `--offload-weights` the block linears' weights in mapped
+files (compressor.offload_weights), `--batch-size` sets the windows per forward chunk.
+Scratch files go to a temporary folder under --out's folder (a disk, not a RAM-backed /tmp:
+page cache of a disk file is reclaimable, a tmpfs file's pages are not).
 
 Why the slope need not be 1: per layer, the Hessian costs tokens x d_in^2 and the solve
 rows x d_in^2 + d_in^3, so at a fixed token count the time grows like weights x d_in, a
@@ -34,6 +37,7 @@ from framework.data import WindowSpec, make_windows, tokenize
 from framework.data.sources import shakespeare
 from framework.eval import measure
 from framework.eval.resources import rss_bytes
+from framework.heap import release_freed_memory
 from framework.io import atomic_write_text
 from framework.models import block_linears, build_tiny_llama, load_packaged
 from framework.plugins import Context
@@ -49,7 +53,15 @@ SIZES = {
 
 
 def time_gptq(
-    name: str, windows: int, seq_len: int, bits: int, group: int, offload: bool, batch_size: int
+    name: str,
+    windows: int,
+    seq_len: int,
+    bits: int,
+    group: int,
+    offload: bool,
+    offload_weights: bool,
+    batch_size: int,
+    scratch: Path,
 ) -> dict:
     loaded = SIZES[name]()
     ids = tokenize(loaded.tokenizer, shakespeare()[:2_000_000])
@@ -58,7 +70,8 @@ def time_gptq(
     hidden = loaded.model.config.hidden_size
     # A group must fit the model's widths; the protocol's 192 does not divide 64.
     g = group if hidden % group == 0 else hidden
-    with tempfile.TemporaryDirectory() as tmp:
+    release_freed_memory()
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         ctx = Context(
             tokenizer=loaded.tokenizer,
             arch=loaded.arch,
@@ -66,7 +79,13 @@ def time_gptq(
             calibration_loader=lambda: cal,
         )
         loaded_rss_mb = rss_bytes() / 2**20
-        gptq = GPTQ(bits=bits, group_size=g, offload_activations=offload, batch_size=batch_size)
+        gptq = GPTQ(
+            bits=bits,
+            group_size=g,
+            offload_activations=offload,
+            offload_weights=offload_weights,
+            batch_size=batch_size,
+        )
         with measure() as m:
             gptq.quantize(loaded.model, ctx)
     model_mb = sum(p.numel() * 4 for p in loaded.model.parameters()) / 2**20
@@ -78,6 +97,7 @@ def time_gptq(
         "group_size": g,
         "seconds": m.seconds,
         "offload_activations": offload,
+        "offload_weights": offload_weights,
         "batch_size": batch_size,
         "fp32_model_mb": model_mb,
         "loaded_rss_mb": loaded_rss_mb,
@@ -103,6 +123,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=192)
     ap.add_argument("--offload", action="store_true", help="block activations in a file")
+    ap.add_argument("--offload-weights", action="store_true", help="block weights in mapped files")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward chunk")
     ap.add_argument("--out", type=Path, default=Path("outputs/gptq_scaling.json"))
     args = ap.parse_args()
@@ -111,6 +132,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
     rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         row = time_gptq(
             name,
@@ -119,7 +141,9 @@ def main() -> None:
             args.bits,
             args.group_size,
             args.offload,
+            args.offload_weights,
             args.batch_size,
+            args.out.parent,
         )
         rows.append(row)
         print(

@@ -55,7 +55,7 @@ from framework.calibration import (
 )
 from framework.codecs.uniform import UniformGrid, dequantize, encode, fit_params, quantize_codes
 from framework.errors import ConfigError, SculptError
-from framework.heap import release_freed_memory
+from framework.heap import move_to_file, page_out, release_freed_memory
 from framework.models import block_linears, blocks
 from framework.models.arch import ArchMap
 from framework.plugins import Compressor, Context, StageResult
@@ -373,15 +373,27 @@ QuantizeInto = Callable[[nn.Linear, torch.Tensor], tuple[Any, dict[str, Any]]]
 
 
 @contextmanager
-def _activation_folder(ctx: Context, offload: bool) -> Iterator[Path | None]:
-    """A temporary folder of the run's output for offloaded activations (None: in memory),
-    removed on the way out whatever happened."""
-    if not offload:
+def _scratch_folder(ctx: Context, needed: bool) -> Iterator[Path | None]:
+    """A temporary folder of the run's output for offloaded activations and weights (None
+    when nothing is offloaded), removed on the way out whatever happened."""
+    if not needed:
         yield None
         return
     Path(ctx.output_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".activations-", dir=ctx.output_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".offload-", dir=ctx.output_dir) as tmp:
         yield Path(tmp)
+
+
+def _weights_to_files(layers: list[nn.Linear], folder: Path, first: int) -> int:
+    """Move each layer's weight into a file of `folder` (framework.heap.move_to_file) and
+    drop the pages it held; -> the next free file number."""
+    for i, layer in enumerate(layers, start=first):
+        old = layer.weight.data
+        layer.weight.data = move_to_file(old, folder / f"weight{i}.bin")
+        page_out(old)  # a model mapped from its safetensors file keeps those pages otherwise
+        del old
+    release_freed_memory()
+    return first + len(layers)
 
 
 @torch.no_grad()
@@ -395,26 +407,40 @@ def quantize_sequentially(
     quantized_inputs: bool,
     description: str,
     offload_activations: bool = False,
+    offload_weights: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """GPTQ's sequential calibration (see the module docstring), with the per-layer step
     left to the caller: quantize_into(layer, hessian) writes the decoded weights into the
     layer and returns (container entry, stats row). Shared with QuIP (plugins.compressors
     .quip), which codes differently but calibrates the same way. With offload_activations
     the block activations live in files under a temporary folder of the run's output (removed
-    at the end, also on failure). -> (entries by parameter name, one stats row per layer
-    with its name and role added)."""
-    with _activation_folder(ctx, offload_activations) as offload_dir:
+    at the end, also on failure). With offload_weights the block linears' weights live in
+    files too (framework.heap.move_to_file: mapped, read in when a block runs), all of them
+    from the start and each block's again once it is done, so the resident set holds the
+    embedding and about one block instead of the whole model; the model that comes back
+    reads its weights from those (unlinked) files. -> (entries by parameter name, one stats
+    row per layer with its name and role added)."""
+    device = next(model.parameters()).device
+    if offload_weights and device.type != "cpu":
+        raise ConfigError(
+            "offload_weights", f"keeps weights in files for a model on the CPU, not {device}"
+        )
+    with _scratch_folder(ctx, offload_activations or offload_weights) as offload_dir:
         arch = ctx.arch
-        names = {id(layer): name for name, layer in block_linears(model, arch).items()}
+        linears = block_linears(model, arch)
+        names = {id(layer): name for name, layer in linears.items()}
         block_list = blocks(model, arch)
-        device = next(model.parameters()).device
+        weight_files = 0
+        if offload_weights:
+            assert offload_dir is not None
+            weight_files = _weights_to_files(list(linears.values()), offload_dir, weight_files)
         was_training = model.training
         model.eval()
         encoded: dict[str, Any] = {}
         rows_out: list[dict[str, Any]] = []
         files = (
             (offload_dir / f"block{i}.bin" for i in range(len(block_list) + 1))
-            if offload_dir
+            if offload_dir and offload_activations
             else None
         )
         inputs: BlockInputs | None = None
@@ -454,6 +480,10 @@ def quantize_sequentially(
                     if isinstance(inputs.hidden, DiskActivations):
                         inputs.hidden.close()
                     inputs.hidden = outputs
+                if offload_weights:
+                    assert offload_dir is not None
+                    done = [m for m in block.modules() if id(m) in names]
+                    weight_files = _weights_to_files(done, offload_dir, weight_files)
         finally:
             if inputs is not None and isinstance(inputs.hidden, DiskActivations):
                 inputs.hidden.close()
@@ -471,6 +501,7 @@ def check_calibration_args(
     calibration_windows: int | None,
     batch_size: int,
     offload_activations: bool = False,
+    offload_weights: bool = False,
 ) -> None:
     """The arguments every Hessian-calibrated quantizer (GPTQ, QuIP, the peer's GPTQ) takes
     alike; a ConfigError names the first bad one."""
@@ -486,6 +517,8 @@ def check_calibration_args(
         raise ConfigError("batch_size", f"{batch_size} must be an integer >= 1")
     if type(offload_activations) is not bool:
         raise ConfigError("offload_activations", f"{offload_activations!r} must be true or false")
+    if type(offload_weights) is not bool:
+        raise ConfigError("offload_weights", f"{offload_weights!r} must be true or false")
 
 
 class GPTQ(Compressor):
@@ -513,6 +546,10 @@ class GPTQ(Compressor):
         offload_activations: keep the block's calibration activations in a temporary file
             of the run folder instead of memory ([windows, seq, hidden] floats; only a chunk
             of batch_size windows is resident), for one write and one read per pass.
+        offload_weights: keep the block linears' weights in files of the run folder (mapped
+            and unlinked, read in as each block runs; CPU models) instead of the heap, so
+            the resident set holds about one block of weights; the quantized model reads
+            its weights from those files afterwards. Bit-identical results.
     """
 
     needs_calibration = True
@@ -531,9 +568,12 @@ class GPTQ(Compressor):
         calibration_windows: int | None = None,
         batch_size: int = 8,
         offload_activations: bool = False,
+        offload_weights: bool = False,
     ):
         check_grid_args(bits, group_size)
-        check_calibration_args(damp, calibration_windows, batch_size, offload_activations)
+        check_calibration_args(
+            damp, calibration_windows, batch_size, offload_activations, offload_weights
+        )
         if block_size < 1:
             raise ConfigError("block_size", f"{block_size} must be >= 1")
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
@@ -546,6 +586,7 @@ class GPTQ(Compressor):
         self.calibration_windows = calibration_windows
         self.batch_size = batch_size
         self.offload_activations = offload_activations
+        self.offload_weights = offload_weights
 
     def quantize_layer(self, weight: torch.Tensor, hessian: torch.Tensor) -> GPTQLayerResult:
         return gptq_quantize(
@@ -575,6 +616,7 @@ class GPTQ(Compressor):
             quantized_inputs=self.quantized_inputs,
             description="gptq blocks",
             offload_activations=self.offload_activations,
+            offload_weights=self.offload_weights,
         )
 
         meta = {

@@ -164,7 +164,7 @@ class QuIP(Compressor):
             incoherence-only baseline).
         seed: rotation seed; each tensor's seed mixes it with the tensor's name.
         true_sequential, quantized_inputs, calibration_windows, batch_size,
-            offload_activations: the sequential calibration, as for GPTQ.
+            offload_activations, offload_weights: the sequential calibration, as for GPTQ.
     """
 
     needs_calibration = True
@@ -184,6 +184,7 @@ class QuIP(Compressor):
         calibration_windows: int | None = None,
         batch_size: int = 8,
         offload_activations: bool = False,
+        offload_weights: bool = False,
     ):
         if type(bits) is not int:
             raise ConfigError("bits", f"{bits!r} must be an integer")
@@ -195,7 +196,9 @@ class QuIP(Compressor):
             raise ConfigError(key, detail)
         if rotation not in ("hadamard", "orthogonal", "none"):
             raise ConfigError("rotation", f"'{rotation}' is not one of hadamard, orthogonal, none")
-        check_calibration_args(damp, calibration_windows, batch_size, offload_activations)
+        check_calibration_args(
+            damp, calibration_windows, batch_size, offload_activations, offload_weights
+        )
         if type(block_size) is not int or block_size < 1:
             raise ConfigError("block_size", f"{block_size} must be an integer >= 1")
         if type(seed) is not int or seed < 0:
@@ -213,6 +216,7 @@ class QuIP(Compressor):
         self.calibration_windows = calibration_windows
         self.batch_size = batch_size
         self.offload_activations = offload_activations
+        self.offload_weights = offload_weights
 
     @property
     def book(self) -> Codebook:
@@ -239,6 +243,7 @@ class QuIP(Compressor):
             quantized_inputs=self.quantized_inputs,
             description="quip blocks",
             offload_activations=self.offload_activations,
+            offload_weights=self.offload_weights,
         )
         bounds = [{"tensor": r["layer"], **r.pop("_bound")} for r in rows_out]
         sizes = [r.pop("_numel") for r in rows_out]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import sys
 
 import pytest
 import torch
@@ -336,7 +337,42 @@ def test_offloaded_activations_give_the_same_model(tiny, calibration, tmp_path, 
     _assert_decodes_to_model(disk, tiny, result)
     for name, layer in block_linears(mem, tiny.arch).items():
         assert torch.equal(layer.weight.data, disk.get_submodule(name).weight.data), name
-    assert not list((tmp_path / "disk").glob(".activations-*"))
+    assert not list((tmp_path / "disk").glob(".offload-*"))
+
+
+def _mapping_of(t: torch.Tensor) -> str:
+    """The /proc/self/maps pathname of the mapping holding t's first byte ('' if none)."""
+    ptr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return fields[5].strip() if len(fields) == 6 else ""
+    return ""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
+@pytest.mark.parametrize("activations", [False, True], ids=["weights", "weights+activations"])
+def test_offloaded_weights_give_the_same_model_read_from_files(
+    tiny, calibration, tmp_path, activations
+):
+    """Weights moved to mapped files before GPTQ and again after each block: the same codes
+    bit for bit, every block linear of the returned model reads from an unlinked file of
+    the run's scratch folder, and the folder is gone."""
+    args = {"bits": 3, "group_size": 32, "calibration_windows": 7, "batch_size": 3}
+    mem, _ = _compress(GPTQ(**args), tiny, calibration, tmp_path / "memory")
+    plugin = GPTQ(**args, offload_weights=True, offload_activations=activations)
+    files, result = _compress(plugin, tiny, calibration, tmp_path / "files")
+    _assert_decodes_to_model(files, tiny, result)
+    for name, layer in block_linears(mem, tiny.arch).items():
+        offloaded = files.get_submodule(name).weight
+        assert torch.equal(layer.weight.data, offloaded.data), name
+        where = _mapping_of(offloaded)
+        assert ".offload-" in where and where.endswith("(deleted)"), (name, where)
+    # Norms and embeddings stay where they were.
+    assert ".offload-" not in _mapping_of(files.model.embed_tokens.weight)
+    assert not list((tmp_path / "files").glob(".offload-*"))
 
 
 def test_lowers_kl_versus_rtn(tiny, calibration, evaluation, gptq3, tmp_path):
@@ -375,6 +411,7 @@ def test_lowers_kl_versus_rtn(tiny, calibration, evaluation, gptq3, tmp_path):
         ({"batch_size": 2.5}, "batch_size"),
         ({"calibration_windows": 1.5}, "calibration_windows"),
         ({"offload_activations": "yes"}, "offload_activations"),
+        ({"offload_weights": 1}, "offload_weights"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, argument):
