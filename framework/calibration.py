@@ -1,6 +1,8 @@
-"""Calibration plumbing shared by block-by-block compressors (GPTQ, structured pruning):
-run the model up to its first block once per chunk of windows, keep what that block
-receives, then feed blocks one at a time without re-running the embedding.
+"""Calibration plumbing shared by block-by-block compressors (GPTQ, QuIP, structured
+pruning and merging): run the model up to its first block once per chunk of windows, keep
+what that block receives, then feed blocks one at a time without re-running the embedding
+(`run_block`), collecting the input Hessians of chosen linears on the way
+(`accumulate_hessians`).
 
 The block's activations ([windows, seq, hidden] floats: 151 MB for SmolLM2 with the
 protocol's 128 windows of 512 tokens) live in memory by default, or in a file
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,11 @@ import torch
 from torch import nn
 
 from framework.errors import SculptError
+
+try:  # optional: halves the cost of the Hessians on CPU
+    from scipy.linalg.blas import ssyrk as _ssyrk
+except ImportError:  # pragma: no cover - scipy comes with the topology extras
+    _ssyrk = None
 
 
 class StopForward(Exception):
@@ -145,3 +153,94 @@ def capture_block_inputs(
         handle.remove()
     assert hidden is not None
     return BlockInputs(hidden=hidden, calls=calls)
+
+
+def run_block(block: nn.Module, inputs: BlockInputs, write: bool) -> None:
+    """Run every chunk through the block; with write, its outputs replace its inputs. A
+    hook may end a chunk's pass early by raising StopForward."""
+    for rows, args, kwargs in inputs.calls:
+        try:
+            out = first_output(block(inputs.hidden[rows], *args, **kwargs))
+        except StopForward:
+            continue
+        if write:
+            inputs.hidden[rows] = out
+
+
+# Below this width MKL's full matmul beats OpenBLAS's ssyrk on this kind of machine.
+_SYRK_MIN_FEATURES = 1024
+
+
+def gram(flat: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """X^T X of [tokens, features] (float32 products, float64 result) -> (product,
+    upper_only). Wide inputs on CPU go through BLAS ssyrk when scipy is there: half the flops
+    of a matmul, but only the upper triangle is filled (symmetrize after summing)."""
+    flat = flat.to(torch.float32)
+    if flat.device.type == "cpu" and _ssyrk is not None and flat.shape[1] >= _SYRK_MIN_FEATURES:
+        # A C-contiguous [n, d] array is the F-contiguous [d, n] one syrk wants: no copy.
+        upper = _ssyrk(1.0, flat.contiguous().numpy().T, trans=0, lower=0)
+        return torch.from_numpy(upper).to(torch.float64), True
+    return (flat.T @ flat).to(torch.float64), False
+
+
+def accumulate_hessians(
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    inputs: BlockInputs,
+    outputs: Activations | None = None,
+) -> dict[str, torch.Tensor]:
+    """H = 2 X^T X / tokens for each layer, from one pass of the block over the inputs.
+    Without `outputs` the pass stops as soon as every layer has seen its input; with it the
+    block runs to the end and its outputs are written there (may be inputs.hidden itself:
+    a chunk's outputs depend on that chunk's inputs only). Layers fed the same tensor
+    (q/k/v) share one product per chunk. Products in float32 per chunk, summed in float64."""
+    sums: dict[str, torch.Tensor] = {}
+    upper_only: dict[str, bool] = {}
+    tokens: dict[str, int] = dict.fromkeys(layers, 0)
+    chunk_products: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # id(x) -> (x, ...)
+    pending: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            cached = chunk_products.get(id(x))
+            if cached is None or cached[0] is not x:
+                cached = (x, *gram(x.detach().reshape(-1, x.shape[-1])))
+                chunk_products[id(x)] = cached  # holding x keeps its id from being reused
+            _, product, upper = cached
+            if name in sums:
+                sums[name] += product
+            else:
+                sums[name], upper_only[name] = product.clone(), upper
+            tokens[name] += x.numel() // x.shape[-1]
+            pending.discard(name)
+            if not pending and outputs is None:
+                raise StopForward
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+    try:
+        for rows, args, kwargs in inputs.calls:
+            pending.update(layers)
+            chunk_products.clear()
+            with suppress(StopForward):
+                out = first_output(block(inputs.hidden[rows], *args, **kwargs))
+                chunk_products.clear()
+                if outputs is not None:
+                    outputs[rows] = out
+            if pending:
+                raise SculptError(
+                    f"calibration: the block's forward never called {sorted(pending)}"
+                )
+    finally:
+        chunk_products.clear()
+        for handle in handles:
+            handle.remove()
+    hessians = {}
+    for name in layers:
+        h = sums.pop(name)
+        if upper_only[name]:
+            h = h.triu() + h.triu(1).T
+        hessians[name] = h * (2.0 / tokens[name])
+    return hessians

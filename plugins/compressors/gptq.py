@@ -37,7 +37,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,9 @@ from framework.calibration import (
     Activations,
     BlockInputs,
     DiskActivations,
-    StopForward,
+    accumulate_hessians,
     capture_block_inputs,
-    first_output,
+    run_block,
 )
 from framework.codecs.uniform import UniformGrid, dequantize, encode, fit_params, quantize_codes
 from framework.errors import ConfigError, SculptError
@@ -69,11 +69,6 @@ from framework.ratedistortion import (
 from plugins.compressors.rtn import Quantized, check_grid_args
 
 log = logging.getLogger("sculpt")
-
-try:  # optional: halves the cost of the Hessians on CPU
-    from scipy.linalg.blas import ssyrk as _ssyrk
-except ImportError:  # pragma: no cover - scipy comes with the topology extras
-    _ssyrk = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -118,14 +113,18 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (so Hinv = U^T U), in
     float64. If H + damp is not positive definite in floating point the dampening grows
     tenfold until it is."""
-    n = h.shape[0]
     mean_diag = float(torch.diag(h).mean())
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
     d = damp
     for _ in range(12):
-        chol, info = torch.linalg.cholesky_ex(h + (d * mean_diag) * eye)
+        # Dampened in a copy's diagonal (no identity matrix: at 1536 columns in float64
+        # each n x n temporary is 19 MB, and this is GPTQ's memory peak per layer).
+        damped = h.clone()
+        damped.diagonal().add_(d * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0:
                 return upper, d
@@ -273,95 +272,6 @@ def relative_output_errors(
 # ----------------------------------------------------------------------------------------
 
 
-def _run_block(block: nn.Module, inputs: BlockInputs, write: bool) -> None:
-    """Run every chunk through the block; with write, its outputs replace its inputs. A
-    hook may end a chunk's pass early by raising StopForward."""
-    for rows, args, kwargs in inputs.calls:
-        try:
-            out = first_output(block(inputs.hidden[rows], *args, **kwargs))
-        except StopForward:
-            continue
-        if write:
-            inputs.hidden[rows] = out
-
-
-# Below this width MKL's full matmul beats OpenBLAS's ssyrk on this kind of machine.
-_SYRK_MIN_FEATURES = 1024
-
-
-def _gram(flat: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """X^T X of [tokens, features] (float32 products, float64 result) -> (product,
-    upper_only). Wide inputs on CPU go through BLAS ssyrk when scipy is there: half the flops
-    of a matmul, but only the upper triangle is filled (symmetrize after summing)."""
-    flat = flat.to(torch.float32)
-    if flat.device.type == "cpu" and _ssyrk is not None and flat.shape[1] >= _SYRK_MIN_FEATURES:
-        # A C-contiguous [n, d] array is the F-contiguous [d, n] one syrk wants: no copy.
-        upper = _ssyrk(1.0, flat.contiguous().numpy().T, trans=0, lower=0)
-        return torch.from_numpy(upper).to(torch.float64), True
-    return (flat.T @ flat).to(torch.float64), False
-
-
-def _accumulate_hessians(
-    block: nn.Module,
-    layers: dict[str, nn.Linear],
-    inputs: BlockInputs,
-    outputs: Activations | None = None,
-) -> dict[str, torch.Tensor]:
-    """H = 2 X^T X / tokens for each layer, from one pass of the block over the inputs.
-    Without `outputs` the pass stops as soon as every layer has seen its input; with it the
-    block runs to the end and its outputs are written there (may be inputs.hidden itself:
-    a chunk's outputs depend on that chunk's inputs only). Layers fed the same tensor
-    (q/k/v) share one product per chunk. Products in float32 per chunk, summed in float64."""
-    sums: dict[str, torch.Tensor] = {}
-    upper_only: dict[str, bool] = {}
-    tokens: dict[str, int] = dict.fromkeys(layers, 0)
-    chunk_products: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # id(x) -> (x, ...)
-    pending: set[str] = set()
-
-    def make_hook(name: str):
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            cached = chunk_products.get(id(x))
-            if cached is None or cached[0] is not x:
-                cached = (x, *_gram(x.detach().reshape(-1, x.shape[-1])))
-                chunk_products[id(x)] = cached  # holding x keeps its id from being reused
-            _, product, upper = cached
-            if name in sums:
-                sums[name] += product
-            else:
-                sums[name], upper_only[name] = product.clone(), upper
-            tokens[name] += x.numel() // x.shape[-1]
-            pending.discard(name)
-            if not pending and outputs is None:
-                raise StopForward
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
-    try:
-        for rows, args, kwargs in inputs.calls:
-            pending.update(layers)
-            chunk_products.clear()
-            with suppress(StopForward):
-                out = first_output(block(inputs.hidden[rows], *args, **kwargs))
-                chunk_products.clear()
-                if outputs is not None:
-                    outputs[rows] = out
-            if pending:
-                raise SculptError(f"gptq: the block's forward never called {sorted(pending)}")
-    finally:
-        chunk_products.clear()
-        for handle in handles:
-            handle.remove()
-    hessians = {}
-    for name in layers:
-        h = sums.pop(name)
-        if upper_only[name]:
-            h = h.triu() + h.triu(1).T
-        hessians[name] = h * (2.0 / tokens[name])
-    return hessians
-
-
 def sequential_groups(arch: ArchMap, true_sequential: bool) -> list[tuple[str, ...]]:
     """The linears of a block grouped by shared input, in forward order (from the arch
     map); without true_sequential, one group holding them all."""
@@ -464,7 +374,7 @@ def quantize_sequentially(
                         outputs = torch.empty_like(inputs.hidden)
                 for i, group in enumerate(groups):
                     layers = {rel: block.get_submodule(rel) for rel in group}
-                    hessians = _accumulate_hessians(
+                    hessians = accumulate_hessians(
                         block, layers, inputs, outputs=outputs if i == 0 else None
                     )
                     for rel, layer in layers.items():
@@ -475,7 +385,7 @@ def quantize_sequentially(
                 # block's worth rather than letting the heap hold every block's peak.
                 release_freed_memory()
                 if outputs is None:
-                    _run_block(block, inputs, write=True)
+                    run_block(block, inputs, write=True)
                 elif outputs is not inputs.hidden:
                     if isinstance(inputs.hidden, DiskActivations):
                         inputs.hidden.close()

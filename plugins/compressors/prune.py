@@ -1,5 +1,5 @@
-"""Structured pruning of MLP neurons or attention heads: magnitude, Wanda, or
-topology-guided allocation.
+"""Structured pruning of MLP neurons or attention heads: magnitude, Wanda,
+topology-guided allocation, or merging into the units that stay.
 
 ``unit: neurons`` (the default): one MLP neuron (intermediate channel) j of a block = row j
 of every MLP input projection (gate and up for Llama, fc1 for OPT) and column j of the
@@ -70,6 +70,17 @@ is out of reach, so the diagrams are used per block:
 Everything in steps 1-3 uses calibration data only, never the evaluation windows. The per
 block probe table (sensitivities, allocated sparsity) is returned as the ``allocation``
 table.
+
+``merge``: the units are not only removed but merged into the ones that stay
+(framework/transforms/merging.py): block by block, each block calibrated on the outputs of
+the already merged blocks before it (as GPTQ), the output projection's input Hessian
+H = A^T A is collected, and the block's share (same rate in every block) of units is
+removed greedily by the Optimal Brain Surgeon step for a column group: the unit whose
+removal adds the least output error goes first, and its output column(s) are folded into
+the kept columns by least squares (a near-duplicate neuron's into its twin). Only the
+output projection's kept columns change beyond the zeroing; the ``allocation`` table gives
+each block's relative output error of that projection on the calibration tokens and the
+mean best cosine between a removed unit's activation and a kept one's.
 """
 
 from __future__ import annotations
@@ -85,7 +96,12 @@ import torch
 from torch import nn
 
 from framework import topology as topo
-from framework.calibration import capture_block_inputs, first_output
+from framework.calibration import (
+    accumulate_hessians,
+    capture_block_inputs,
+    first_output,
+    run_block,
+)
 from framework.codecs import write_container
 from framework.codecs.raw import encode_raw
 from framework.errors import ConfigError, SculptError
@@ -93,10 +109,11 @@ from framework.io import atomic_write_json
 from framework.models import block_linears, blocks
 from framework.models.arch import ArchMap
 from framework.plugins import Compressor, Context, StageResult
+from framework.transforms.merging import merge_units
 
 log = logging.getLogger("sculpt")
 
-METHODS = ("magnitude", "wanda", "topology")
+METHODS = ("magnitude", "wanda", "topology", "merge")
 UNITS = ("neurons", "heads")
 
 
@@ -409,7 +426,7 @@ class StructuredPrune(Compressor):
 
     Args:
         sparsity: fraction of all units (MLP neurons, or query heads) removed, in [0, 1).
-        method: magnitude | wanda | topology (see the module docstring).
+        method: magnitude | wanda | topology | merge (see the module docstring).
         unit: neurons | heads: what is removed (see the module docstring).
         calibration_windows: calibration windows for the activation norms (null: all).
         batch_size: windows per calibration forward chunk.
@@ -424,6 +441,7 @@ class StructuredPrune(Compressor):
         power: topology: per-block rate proportional to sensitivity^-power.
         max_block_sparsity: topology: no block loses more than this fraction.
         workers: processes computing persistence diagrams.
+        damp: merge: fraction of the mean Hessian diagonal added to its diagonal (as GPTQ).
     """
 
     needs_calibration = True
@@ -431,7 +449,7 @@ class StructuredPrune(Compressor):
     def __init__(
         self,
         sparsity: float = 0.25,
-        method: Literal["magnitude", "wanda", "topology"] = "wanda",
+        method: Literal["magnitude", "wanda", "topology", "merge"] = "wanda",
         unit: Literal["neurons", "heads"] = "neurons",
         calibration_windows: int | None = 16,
         batch_size: int = 4,
@@ -444,6 +462,7 @@ class StructuredPrune(Compressor):
         power: float = 1.0,
         max_block_sparsity: float = 0.75,
         workers: int = 2,
+        damp: float = 0.01,
     ):
         def fraction(name: str, value: Any, closed: bool = False) -> float:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
@@ -496,6 +515,9 @@ class StructuredPrune(Compressor):
                 f"{max_block_sparsity} is below sparsity {sparsity}: the total cannot be placed",
             )
         self.workers = workers
+        if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
+            raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
+        self.damp = float(damp)
 
     # The steps, public so tests and analyses can call them one by one.
 
@@ -546,24 +568,66 @@ class StructuredPrune(Compressor):
         return counts, rows
 
     @torch.no_grad()
+    def merge(
+        self, model: nn.Module, ctx: Context
+    ) -> tuple[list[int], list[dict[str, float]], dict[str, list[int]], int]:
+        """method=merge, block by block (module docstring) -> (units removed per block, the
+        allocation table, removed indices per block, parameters removed)."""
+        arch = ctx.arch
+        units = units_of(model, arch, self.unit)
+        layers = list(blocks(model, arch))
+        widths = [units.layers(b)[1].in_features // units.size for b in layers]
+        counts = uniform_counts(widths, round(self.sparsity * sum(widths)))
+        windows = ctx.calibration(self.calibration_windows)
+        device = next(model.parameters()).device
+        inputs = capture_block_inputs(model, layers[0], windows, self.batch_size, device)
+        table: list[dict[str, float]] = []
+        pruned: dict[str, list[int]] = {}
+        removed_params = 0
+        for b, block in enumerate(ctx.track(layers, description="merge blocks")):
+            out = units.layers(block)[1]
+            hessian = accumulate_hessians(block, {units.out: out}, inputs)[units.out]
+            res = merge_units(out.weight.data, hessian, counts[b], units.size, self.damp)
+            out.weight.data.copy_(res.weight.to(out.weight.device))
+            removed_params += prune_units(block, units, res.removed)
+            pruned[str(b)] = sorted(int(i) for i in res.removed)
+            table.append(
+                {
+                    "block": b,
+                    "width": widths[b],
+                    "pruned": counts[b],
+                    "sparsity": counts[b] / widths[b],
+                    "output_relative_error": res.relative_error,
+                    "twin_cosine": res.twin_cosine,
+                }
+            )
+            run_block(block, inputs, write=True)  # the next block sees the merged outputs
+        return counts, table, pruned, removed_params
+
+    @torch.no_grad()
     def compress(self, model: nn.Module, ctx: Context) -> StageResult:
         arch = ctx.arch
         units = units_of(model, arch, self.unit)
+        params_before = sum(p.numel() for p in model.parameters())
+        block_weights = sum(m.weight.numel() for m in block_linears(model, arch).values())
         was_training = model.training
         model.eval()
         try:
-            scores = self.scores(model, ctx)
-            counts, table = self.counts(model, ctx, scores)
+            if self.method == "merge":
+                counts, table, pruned, removed_params = self.merge(model, ctx)
+            else:
+                scores = self.scores(model, ctx)
+                counts, table = self.counts(model, ctx, scores)
+                removed_params = 0
+                pruned = {}
+                for b, (block, s, k) in enumerate(
+                    zip(blocks(model, arch), scores, counts, strict=True)
+                ):
+                    idx = torch.argsort(s, stable=True)[:k]
+                    pruned[str(b)] = sorted(int(i) for i in idx)
+                    removed_params += prune_units(block, units, idx)
         finally:
             model.train(was_training)
-        params_before = sum(p.numel() for p in model.parameters())
-        block_weights = sum(m.weight.numel() for m in block_linears(model, arch).values())
-        removed_params = 0
-        pruned: dict[str, list[int]] = {}
-        for b, (block, s, k) in enumerate(zip(blocks(model, arch), scores, counts, strict=True)):
-            idx = torch.argsort(s, stable=True)[:k]
-            pruned[str(b)] = sorted(int(i) for i in idx)
-            removed_params += prune_units(block, units, idx)
         path = atomic_write_json(
             ctx.stage_dir("prune") / f"pruned_{units.name}.json",
             {"method": self.method, "unit": units.name, "blocks": pruned},
@@ -588,7 +652,7 @@ class StructuredPrune(Compressor):
                 "blocks": pruned,
             },
         )
-        widths = [s.numel() for s in scores]
+        widths = [int(r["width"]) for r in table]
         n_removed = sum(counts)
         log.info(
             "prune (%s): %d of %d %s removed (%.1f%%), %.2fM parameters",

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from framework.calibration import capture_block_inputs
+from framework.calibration import accumulate_hessians, capture_block_inputs, gram
 from framework.codecs import read_container, read_manifest
 from framework.codecs.uniform import UniformGrid, encode, fit_params
 from framework.data import WindowSpec, make_windows, tokenize
@@ -22,8 +22,6 @@ from framework.models import block_linears, build_tiny_llama
 from framework.plugins import Context
 from plugins.compressors.gptq import (
     GPTQ,
-    _accumulate_hessians,
-    _gram,
     column_blocks,
     gptq_quantize,
 )
@@ -211,7 +209,7 @@ def test_dead_columns_and_symmetric_grid():
 @pytest.mark.parametrize("features", [96, 1100])  # the second goes through ssyrk if present
 def test_gram_is_x_transpose_x(features):
     x = torch.randn(300, features, generator=torch.Generator().manual_seed(3))
-    product, upper_only = _gram(x)
+    product, upper_only = gram(x)
     if upper_only:
         product = product.triu() + product.triu(1).T
     exact = x.double().T @ x.double()
@@ -238,7 +236,7 @@ def test_hessians_of_the_first_block_match_a_direct_computation(tiny, calibratio
         handle.remove()
     with torch.no_grad():
         inputs = capture_block_inputs(tiny.model, block, windows, 3, torch.device("cpu"))
-        hessians = _accumulate_hessians(block, layers, inputs)
+        hessians = accumulate_hessians(block, layers, inputs)
     for rel, h in hessians.items():
         x = torch.cat(seen[rel]).double()
         expected = 2.0 * x.T @ x / x.shape[0]
