@@ -87,8 +87,10 @@ def page_out(tensor: torch.Tensor) -> int:
     (a model loaded from a mapped safetensors file): the pages wholly inside the tensor's
     bytes, clean ones only in effect (MADV_PAGEOUT never changes contents: a page read
     again comes back from the file, a written one stays). Anonymous memory is left alone,
-    so memory the heap will free anyway is not pushed to swap. -> bytes advised (0 where
-    not Linux or nothing was file-backed)."""
+    so memory the heap will free anyway is not pushed to swap. The kernel also keeps pages
+    that another process maps (two jobs reading one cached model share those pages, and
+    the memory is counted once on the machine but in both resident sets). -> bytes
+    advised (0 where not Linux or nothing was file-backed)."""
     libc = _libc()
     if sys.platform != "linux" or libc is None or tensor.device.type != "cpu":
         return 0
