@@ -90,3 +90,65 @@ def test_build_windows_tokenizes_without_special_tokens(tiny, kjv_text: str) -> 
     assert ids.numel() == len(text.encode("utf-8"))  # byte tokenizer: no </s> appended
     assert torch.equal(windows.reshape(-1), ids[:200])
     assert tiny.tokenizer.decode(windows[0]) == text[:100]
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizing in pieces gives the ids of one encoding of the whole text
+# ----------------------------------------------------------------------------------------
+
+
+def _whole(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from framework.models import load_packaged
+
+    return load_packaged("smollm2-135m-instruct").tokenizer
+
+
+@pytest.mark.parametrize("source", ["shakespeare", "kjv"])
+def test_pieces_encode_like_the_whole_text(smollm2_tokenizer, monkeypatch, source) -> None:
+    """Small pieces (many cuts) over 200 K characters of each packaged text: the ids are
+    those of the whole text encoded at once, with SmolLM2's byte-level BPE and with the
+    tiny model's byte tokenizer."""
+    from framework.data import sources
+    from framework.data import windows as windows_module
+    from framework.models import build_tiny_llama
+
+    text = getattr(sources, source)()[:200_000]
+    monkeypatch.setattr(windows_module, "PIECE_CHARS", 4096)
+    for tokenizer in (smollm2_tokenizer, build_tiny_llama().tokenizer):
+        assert len(windows_module._cuts(tokenizer, text)) > 20  # it really was cut
+        assert tokenize(tokenizer, text).tolist() == _whole(tokenizer, text)
+
+
+def test_a_tokenizer_that_marks_every_text_start_is_not_cut(monkeypatch) -> None:
+    """A SentencePiece-style tokenizer prefixes the first word of every text it encodes, so
+    no cut passes the check and the text is encoded whole (a real `tokenizers` BPE trained
+    here on the text, with a Metaspace pre-tokenizer that always prepends)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from framework.data import sources
+    from framework.data import windows as windows_module
+
+    text = sources.shakespeare()[:60_000]
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    raw.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    monkeypatch.setattr(windows_module, "PIECE_CHARS", 4096)
+    assert windows_module._cuts(tokenizer, text) == []
+    assert tokenize(tokenizer, text).tolist() == _whole(tokenizer, text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["shakespeare", "kjv"])
+def test_the_whole_packaged_texts_encode_as_one_piece_would(smollm2_tokenizer, source) -> None:
+    """The protocol's texts in full, default pieces, SmolLM2's tokenizer."""
+    from framework.data import sources
+
+    text = getattr(sources, source)()
+    assert tokenize(smollm2_tokenizer, text).tolist() == _whole(smollm2_tokenizer, text)
