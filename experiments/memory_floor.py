@@ -1,8 +1,10 @@
 """Where the resident memory of a GPTQ run on SmolLM2 goes before GPTQ starts: resident,
 anonymous and file-mapped memory (from /proc/self/status, Linux) after importing torch,
 transformers and sculpt, after loading the packaged SmolLM2, and after tokenizing 2 MB of
-Shakespeare (framework.data.tokenize returns the freed heap to the OS itself; the last
-line is one more explicit framework.heap.release_freed_memory call).
+Shakespeare (framework.data.tokenize encodes long texts in pieces and returns the freed
+heap to the OS itself; the last line is one more explicit
+framework.heap.release_freed_memory call). VmHWM is the process's peak so far: after the
+tokenizing line it shows what encoding the text cost on top of the loaded model.
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/memory_floor.py
 """
@@ -14,7 +16,7 @@ def status_mib() -> dict[str, int]:
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(("VmRSS", "RssAnon", "RssFile")):
+            if line.startswith(("VmHWM", "VmRSS", "RssAnon", "RssFile")):
                 key, value = line.split(":")
                 out[key] = int(value.split()[0]) // 1024
     return out
