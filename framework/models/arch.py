@@ -27,6 +27,8 @@ class ArchMap:
     embed: str
     head: str | None  # None: no LM head (encoders)
     num_heads_attr: str = "num_attention_heads"
+    # The config field holding the MLP's width (what a physically narrower MLP changes).
+    intermediate_attr: str = "intermediate_size"
     # The MLP input projection that enters the block linearly (Llama's up_proj, multiplied
     # by the gate's activation): per-neuron scalings fold through it exactly. None: every
     # MLP input passes through a nonlinearity (framework.transforms needs it to scale).
@@ -73,6 +75,7 @@ _OPT = ArchMap(
     final_norm="model.decoder.final_layer_norm",
     embed="model.decoder.embed_tokens",
     head="lm_head",
+    intermediate_attr="ffn_dim",
 )
 
 _BERT = ArchMap(

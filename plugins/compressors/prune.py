@@ -442,6 +442,11 @@ class StructuredPrune(Compressor):
         max_block_sparsity: topology: no block loses more than this fraction.
         workers: processes computing persistence diagrams.
         damp: merge: fraction of the mean Hessian diagonal added to its diagonal (as GPTQ).
+        shrink: neurons with magnitude, wanda or merge: delete the removed neurons' rows and
+            columns instead of zeroing them and set the config's MLP width, so the saved
+            model is a stock HF model with fewer parameters. Every block then loses
+            round(sparsity x width) neurons (one width for all blocks is what the config
+            can say).
     """
 
     needs_calibration = True
@@ -463,6 +468,7 @@ class StructuredPrune(Compressor):
         max_block_sparsity: float = 0.75,
         workers: int = 2,
         damp: float = 0.01,
+        shrink: bool = False,
     ):
         def fraction(name: str, value: Any, closed: bool = False) -> float:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
@@ -518,6 +524,26 @@ class StructuredPrune(Compressor):
         if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
             raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
         self.damp = float(damp)
+        if type(shrink) is not bool:
+            raise ConfigError("shrink", f"{shrink!r} must be true or false")
+        if shrink and unit != "neurons":
+            raise ConfigError(
+                "shrink", "deletes MLP neurons only (heads are zeroed: GQA shares k and v)"
+            )
+        if shrink and method == "topology":
+            raise ConfigError(
+                "shrink", "needs one MLP width for every block; method=topology varies it"
+            )
+        self.shrink = shrink
+
+    def _uniform(self, widths: Sequence[int]) -> list[int]:
+        """The same rate in every block: an exact global total, or with shrink the same
+        count round(sparsity x width) in every block (blocks share one width)."""
+        if self.shrink:
+            if len(set(widths)) != 1:
+                raise ConfigError("shrink", f"the blocks' MLP widths differ: {sorted(set(widths))}")
+            return [round(self.sparsity * widths[0])] * len(widths)
+        return uniform_counts(widths, round(self.sparsity * sum(widths)))
 
     # The steps, public so tests and analyses can call them one by one.
 
@@ -535,7 +561,7 @@ class StructuredPrune(Compressor):
         widths = [s.numel() for s in scores]
         total = round(self.sparsity * sum(widths))
         if self.method != "topology" or total == 0:
-            counts = uniform_counts(widths, total)
+            counts = self._uniform(widths)
             return counts, [
                 {"block": b, "width": w, "pruned": c, "sparsity": c / w}
                 for b, (w, c) in enumerate(zip(widths, counts, strict=True))
@@ -577,7 +603,7 @@ class StructuredPrune(Compressor):
         units = units_of(model, arch, self.unit)
         layers = list(blocks(model, arch))
         widths = [units.layers(b)[1].in_features // units.size for b in layers]
-        counts = uniform_counts(widths, round(self.sparsity * sum(widths)))
+        counts = self._uniform(widths)
         windows = ctx.calibration(self.calibration_windows)
         device = next(model.parameters()).device
         inputs = capture_block_inputs(model, layers[0], windows, self.batch_size, device)
@@ -628,6 +654,9 @@ class StructuredPrune(Compressor):
                     removed_params += prune_units(block, units, idx)
         finally:
             model.train(was_training)
+        if self.shrink:
+            width = shrink_mlps(model, arch, units, pruned)
+            log.info("prune: MLPs narrowed to %d neurons (%s)", width, arch.intermediate_attr)
         path = atomic_write_json(
             ctx.stage_dir("prune") / f"pruned_{units.name}.json",
             {"method": self.method, "unit": units.name, "blocks": pruned},
@@ -680,6 +709,31 @@ class StructuredPrune(Compressor):
             tables={"allocation": table},
             model=model,
         )
+
+
+@torch.no_grad()
+def shrink_mlps(model: nn.Module, arch: ArchMap, units: Units, pruned: dict[str, list[int]]) -> int:
+    """Delete the pruned neurons' rows of the MLP input projections and columns of the
+    output projection (the same number in every block) and set the config's MLP width;
+    the zeroed neurons contributed nothing, so the function is unchanged. -> the width."""
+    widths = set()
+    for b, block in enumerate(blocks(model, arch)):
+        ins, out = units.layers(block)
+        gone = set(pruned.get(str(b), []))
+        keep = torch.tensor([j for j in range(out.in_features) if j not in gone])
+        for layer in ins:
+            layer.weight = nn.Parameter(layer.weight.data[keep.to(layer.weight.device)].clone())
+            if layer.bias is not None:
+                layer.bias = nn.Parameter(layer.bias.data[keep.to(layer.bias.device)].clone())
+            layer.out_features = keep.numel()
+        out.weight = nn.Parameter(out.weight.data[:, keep.to(out.weight.device)].clone())
+        out.in_features = keep.numel()
+        widths.add(keep.numel())
+    if len(widths) != 1:
+        raise SculptError(f"prune: shrink left blocks of different MLP widths {sorted(widths)}")
+    (width,) = widths
+    setattr(model.config, arch.intermediate_attr, width)
+    return width
 
 
 def prune_units(block: nn.Module, units: Units, idx: torch.Tensor) -> int:

@@ -172,6 +172,36 @@ def test_merge_keeps_the_model_closer_than_wanda(tiny, ctx, unit):
     assert merged < 0.8 * wanda, (merged, wanda)
 
 
+@pytest.mark.parametrize("method", ["wanda", "merge"])
+def test_shrink_deletes_the_neurons_and_reloads_as_a_smaller_stock_model(
+    tiny, ctx, tmp_path, method
+):
+    """shrink: the same function as the zeroed model, 44 of 176 neurons gone from every
+    block's matrices, the config's intermediate_size set, and save/reload as a plain HF
+    LlamaForCausalLM with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    ids = ctx.evaluation_windows
+    zeroed = copy.deepcopy(tiny.model)
+    StructuredPrune(sparsity=0.25, method=method).compress(zeroed, ctx)
+    shrunk = copy.deepcopy(tiny.model)
+    result = StructuredPrune(sparsity=0.25, method=method, shrink=True).compress(shrunk, ctx)
+    assert shrunk.config.intermediate_size == 132
+    for block in blocks(shrunk, ctx.arch):
+        assert block.mlp.gate_proj.weight.shape == (132, 64)
+        assert block.mlp.up_proj.weight.shape == (132, 64)
+        assert block.mlp.down_proj.weight.shape == (64, 132)
+    before = sum(p.numel() for p in tiny.model.parameters())
+    after = sum(p.numel() for p in shrunk.parameters())
+    assert before - after == result.metrics["params_removed"] == 2 * 44 * 3 * 64
+    with torch.no_grad():
+        want = zeroed(input_ids=ids).logits
+        torch.testing.assert_close(shrunk(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        shrunk.save_pretrained(tmp_path / "shrunk")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk")
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
 def test_allocate_is_exact_and_capped():
     counts = allocate([1.0, 1.0, 4.0], [100, 100, 100], 90, power=1.0, max_fraction=0.9)
     assert sum(counts) == 90
@@ -199,6 +229,9 @@ def test_allocate_is_exact_and_capped():
         ({"observe_stride": 0}, "observe_stride"),
         ({"unit": "channels"}, "unit"),
         ({"damp": 1.0}, "damp"),
+        ({"shrink": "yes"}, "shrink"),
+        ({"shrink": True, "unit": "heads"}, "shrink"),
+        ({"shrink": True, "method": "topology"}, "shrink"),
     ],
 )
 def test_bad_config_names_the_key(kwargs, key):
