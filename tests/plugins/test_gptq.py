@@ -351,14 +351,22 @@ def _mapping_of(t: torch.Tensor) -> str:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
-@pytest.mark.parametrize("activations", [False, True], ids=["weights", "weights+activations"])
+@pytest.mark.parametrize(
+    ("activations", "kwargs"),
+    [
+        (False, {}),
+        (True, {}),
+        (True, {"quantized_inputs": False, "true_sequential": True}),
+    ],
+    ids=["weights", "weights+activations", "both-original_inputs-true_sequential"],
+)
 def test_offloaded_weights_give_the_same_model_read_from_files(
-    tiny, calibration, tmp_path, activations
+    tiny, calibration, tmp_path, activations, kwargs
 ):
     """Weights moved to mapped files before GPTQ and again after each block: the same codes
     bit for bit, every block linear of the returned model reads from an unlinked file of
     the run's scratch folder, and the folder is gone."""
-    args = {"bits": 3, "group_size": 32, "calibration_windows": 7, "batch_size": 3}
+    args = {"bits": 3, "group_size": 32, "calibration_windows": 7, "batch_size": 3, **kwargs}
     mem, _ = _compress(GPTQ(**args), tiny, calibration, tmp_path / "memory")
     plugin = GPTQ(**args, offload_weights=True, offload_activations=activations)
     files, result = _compress(plugin, tiny, calibration, tmp_path / "files")
