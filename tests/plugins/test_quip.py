@@ -203,6 +203,7 @@ def test_e8_beats_a_uniform_scalar_grid_at_two_bits_on_gaussian_rows():
         ({"damp": 1.5}, "damp"),
         ({"seed": -1}, "seed"),
         ({"batch_size": 0}, "batch_size"),
+        ({"offload_weights": "no"}, "offload_weights"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, argument):
@@ -216,9 +217,21 @@ def test_bad_arguments_raise_config_error(kwargs, argument):
 # ---------------------------------------------------------------------------------------
 
 
-def test_runs_through_the_runner_and_the_container_decodes_to_the_model(compose_cfg):
+@pytest.mark.parametrize(
+    "offload",
+    [[], ["compressor.offload_weights=true", "compressor.offload_activations=true"]],
+    ids=["in_memory", "offloaded"],
+)
+def test_runs_through_the_runner_and_the_container_decodes_to_the_model(compose_cfg, offload):
     cfg = compose_cfg(
-        ["model=tiny_llama", "debug=default", "compressor=quip", "~analyzer", "logger=none"]
+        [
+            "model=tiny_llama",
+            "debug=default",
+            "compressor=quip",
+            "~analyzer",
+            "logger=none",
+            *offload,
+        ]
     )
     result = run(cfg)
     (stage,) = [s for s in result.stages if s.kind == "compressor"]
