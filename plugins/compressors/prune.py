@@ -442,7 +442,10 @@ class StructuredPrune(Compressor):
         max_block_sparsity: topology: no block loses more than this fraction.
         workers: processes computing persistence diagrams.
         damp: merge: fraction of the mean Hessian diagonal added to its diagonal (as GPTQ).
-        shrink: neurons with magnitude, wanda or merge: delete the removed neurons' rows and
+        allocation: uniform | topology | null (the method's own: topology for topology,
+            uniform otherwise): how many units each block loses. topology with merge
+            merges by the topology probe's per-block counts.
+        shrink: neurons at a uniform rate: delete the removed neurons' rows and
             columns instead of zeroing them and set the config's MLP width, so the saved
             model is a stock HF model with fewer parameters. Every block then loses
             round(sparsity x width) neurons (one width for all blocks is what the config
@@ -468,6 +471,7 @@ class StructuredPrune(Compressor):
         max_block_sparsity: float = 0.75,
         workers: int = 2,
         damp: float = 0.01,
+        allocation: Literal["uniform", "topology"] | None = None,
         shrink: bool = False,
     ):
         def fraction(name: str, value: Any, closed: bool = False) -> float:
@@ -524,15 +528,20 @@ class StructuredPrune(Compressor):
         if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
             raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
         self.damp = float(damp)
+        if allocation not in (None, "uniform", "topology"):
+            raise ConfigError("allocation", f"'{allocation}' is not one of uniform, topology")
+        if method == "topology" and allocation == "uniform":
+            raise ConfigError("allocation", "uniform with method=topology is method=wanda")
+        self.allocation = allocation or ("topology" if method == "topology" else "uniform")
         if type(shrink) is not bool:
             raise ConfigError("shrink", f"{shrink!r} must be true or false")
         if shrink and unit != "neurons":
             raise ConfigError(
                 "shrink", "deletes MLP neurons only (heads are zeroed: GQA shares k and v)"
             )
-        if shrink and method == "topology":
+        if shrink and self.allocation == "topology":
             raise ConfigError(
-                "shrink", "needs one MLP width for every block; method=topology varies it"
+                "shrink", "needs one MLP width for every block; the topology allocation varies it"
             )
         self.shrink = shrink
 
@@ -560,7 +569,7 @@ class StructuredPrune(Compressor):
         """Pruned units per block and the allocation table."""
         widths = [s.numel() for s in scores]
         total = round(self.sparsity * sum(widths))
-        if self.method != "topology" or total == 0:
+        if self.allocation != "topology" or total == 0:
             counts = self._uniform(widths)
             return counts, [
                 {"block": b, "width": w, "pruned": c, "sparsity": c / w}
@@ -603,7 +612,11 @@ class StructuredPrune(Compressor):
         units = units_of(model, arch, self.unit)
         layers = list(blocks(model, arch))
         widths = [units.layers(b)[1].in_features // units.size for b in layers]
-        counts = self._uniform(widths)
+        probe: list[dict[str, float]] | None = None
+        if self.allocation == "topology":  # probed on the model before any merging
+            counts, probe = self.counts(model, ctx, self.scores(model, ctx))
+        else:
+            counts = self._uniform(widths)
         windows = ctx.calibration(self.calibration_windows)
         device = next(model.parameters()).device
         inputs = capture_block_inputs(model, layers[0], windows, self.batch_size, device)
@@ -619,6 +632,7 @@ class StructuredPrune(Compressor):
             pruned[str(b)] = sorted(int(i) for i in res.removed)
             table.append(
                 {
+                    **(probe[b] if probe is not None else {}),
                     "block": b,
                     "width": widths[b],
                     "pruned": counts[b],

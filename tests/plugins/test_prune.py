@@ -202,6 +202,24 @@ def test_shrink_deletes_the_neurons_and_reloads_as_a_smaller_stock_model(
         torch.testing.assert_close(reloaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
+def test_merge_with_the_topology_allocation_takes_the_probes_counts(tiny, ctx):
+    """allocation=topology with method=merge: each block merges the count the topology
+    probe gives it (the same counts as method=topology on the same model), the total stays
+    exact, and the table carries the probe's sensitivities beside the merge's errors."""
+    probe_counts, _ = StructuredPrune(sparsity=0.3, method="topology", **FAST).counts(
+        tiny.model, ctx, StructuredPrune(sparsity=0.3, method="wanda").scores(tiny.model, ctx)
+    )
+    model = copy.deepcopy(tiny.model)
+    plugin = StructuredPrune(sparsity=0.3, method="merge", allocation="topology", **FAST)
+    result = plugin.compress(model, ctx)
+    rows = result.tables["allocation"]
+    assert [r["pruned"] for r in rows] == probe_counts
+    assert [len(z) for z in _zeroed(model, ctx)] == probe_counts
+    assert sum(probe_counts) == round(0.3 * 352)
+    assert probe_counts != [53, 53]  # not the uniform split: the probe decided
+    assert all("sensitivity" in r and "output_relative_error" in r for r in rows)
+
+
 def test_allocate_is_exact_and_capped():
     counts = allocate([1.0, 1.0, 4.0], [100, 100, 100], 90, power=1.0, max_fraction=0.9)
     assert sum(counts) == 90
@@ -232,6 +250,9 @@ def test_allocate_is_exact_and_capped():
         ({"shrink": "yes"}, "shrink"),
         ({"shrink": True, "unit": "heads"}, "shrink"),
         ({"shrink": True, "method": "topology"}, "shrink"),
+        ({"shrink": True, "method": "merge", "allocation": "topology"}, "shrink"),
+        ({"allocation": "random"}, "allocation"),
+        ({"method": "topology", "allocation": "uniform"}, "allocation"),
     ],
 )
 def test_bad_config_names_the_key(kwargs, key):
