@@ -37,7 +37,6 @@ from framework.data import WindowSpec, make_windows, tokenize
 from framework.data.sources import shakespeare
 from framework.eval import measure
 from framework.eval.resources import rss_bytes
-from framework.heap import release_freed_memory
 from framework.io import atomic_write_text
 from framework.models import block_linears, build_tiny_llama, load_packaged
 from framework.plugins import Context
@@ -70,7 +69,6 @@ def time_gptq(
     hidden = loaded.model.config.hidden_size
     # A group must fit the model's widths; the protocol's 192 does not divide 64.
     g = group if hidden % group == 0 else hidden
-    release_freed_memory()
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         ctx = Context(
             tokenizer=loaded.tokenizer,

@@ -294,16 +294,16 @@ def _scratch_folder(ctx: Context, needed: bool) -> Iterator[Path | None]:
         yield Path(tmp)
 
 
-def _weights_to_files(layers: list[nn.Linear], folder: Path, first: int) -> int:
-    """Move each layer's weight into a file of `folder` (framework.heap.move_to_file) and
-    drop the pages it held; -> the next free file number."""
-    for i, layer in enumerate(layers, start=first):
+def _weights_to_files(layers: dict[str, nn.Linear], folder: Path) -> None:
+    """Move each layer's weight into a file of `folder` named after the layer
+    (framework.heap.move_to_file unlinks it at once, so a later move reuses the name) and
+    drop the pages it held."""
+    for name, layer in layers.items():
         old = layer.weight.data
-        layer.weight.data = move_to_file(old, folder / f"weight{i}.bin")
+        layer.weight.data = move_to_file(old, folder / f"{name}.bin")
         page_out(old)  # a model mapped from its safetensors file keeps those pages otherwise
         del old
     release_freed_memory()
-    return first + len(layers)
 
 
 @torch.no_grad()
@@ -340,10 +340,9 @@ def quantize_sequentially(
         linears = block_linears(model, arch)
         names = {id(layer): name for name, layer in linears.items()}
         block_list = blocks(model, arch)
-        weight_files = 0
         if offload_weights:
             assert offload_dir is not None
-            weight_files = _weights_to_files(list(linears.values()), offload_dir, weight_files)
+            _weights_to_files(linears, offload_dir)
         was_training = model.training
         model.eval()
         encoded: dict[str, Any] = {}
@@ -392,8 +391,8 @@ def quantize_sequentially(
                     inputs.hidden = outputs
                 if offload_weights:
                     assert offload_dir is not None
-                    done = [m for m in block.modules() if id(m) in names]
-                    weight_files = _weights_to_files(done, offload_dir, weight_files)
+                    done = {names[id(m)]: m for m in block.modules() if id(m) in names}
+                    _weights_to_files(done, offload_dir)
         finally:
             if inputs is not None and isinstance(inputs.hidden, DiskActivations):
                 inputs.hidden.close()
