@@ -736,11 +736,12 @@ def shrink_mlps(model: nn.Module, arch: ArchMap, units: Units, pruned: dict[str,
         gone = set(pruned.get(str(b), []))
         keep = torch.tensor([j for j in range(out.in_features) if j not in gone])
         for layer in ins:
-            layer.weight = nn.Parameter(layer.weight.data[keep.to(layer.weight.device)].clone())
+            # Indexing with a tensor copies: the narrow matrices own their storage.
+            layer.weight = nn.Parameter(layer.weight.data[keep.to(layer.weight.device)])
             if layer.bias is not None:
-                layer.bias = nn.Parameter(layer.bias.data[keep.to(layer.bias.device)].clone())
+                layer.bias = nn.Parameter(layer.bias.data[keep.to(layer.bias.device)])
             layer.out_features = keep.numel()
-        out.weight = nn.Parameter(out.weight.data[:, keep.to(out.weight.device)].clone())
+        out.weight = nn.Parameter(out.weight.data[:, keep.to(out.weight.device)])
         out.in_features = keep.numel()
         widths.add(keep.numel())
     if len(widths) != 1:
