@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from framework.calibration import damped_cholesky
 from framework.errors import SculptError
 
 
@@ -113,18 +114,9 @@ def merge_units(
 
 
 def _damped_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """(H + d mean(diag H) I)^-1, d = damp grown tenfold (from at least 1e-10) until the
-    Cholesky factorisation succeeds: dead or exactly duplicated units make H singular."""
-    mean_diag = max(float(h.diagonal().mean()), 1e-30)
-    d = damp
-    for _ in range(14):
-        damped = h.clone()
-        damped.diagonal().add_(d * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            return torch.cholesky_inverse(chol)
-        d = max(d * 10.0, 1e-10)
-    raise SculptError(f"merge: the Hessian is not positive definite even with damp={d:g}")
+    """(H + d mean(diag H) I)^-1 with framework.calibration's damping rule."""
+    chol, _ = damped_cholesky(h, damp, floor=1e-10, attempts=14, what="merge")
+    return torch.cholesky_inverse(chol)
 
 
 def _relative_error(w0: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:

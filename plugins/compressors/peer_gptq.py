@@ -44,7 +44,7 @@ from framework.codecs.uniform import UniformGrid, encode
 from framework.errors import ConfigError, SculptError
 from framework.models import block_linears
 from framework.plugins import Compressor, Context, StageResult
-from plugins.compressors.gptq import check_calibration_args
+from framework.sequential import check_calibration_args
 from plugins.compressors.rtn import Quantized, check_grid_args
 
 log = logging.getLogger("sculpt")

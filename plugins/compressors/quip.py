@@ -22,7 +22,7 @@ block b with error E_b = W_b - Q_b the later columns take W[:, e:] -= E_b U_bb^-
 For a block of one column this is GPTQ's update; it is QuIP#'s BlockLDLQ written with the
 inverse Hessian's Cholesky factor (the optimal update of the remaining columns given the
 fixed block, as in GPTQ's derivation). The layers are calibrated sequentially block by
-block with GPTQ's machinery (plugins.compressors.gptq.quantize_sequentially).
+block with the machinery it shares with GPTQ (framework.sequential.quantize_sequentially).
 
 Per tensor the stage records the relative output error tr(E H E^T) / tr(W H W^T) of this
 method, of the same codebook without feedback (rotation and nearest point only) and of
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from framework.calibration import inverse_cholesky_upper
 from framework.codecs.incoherent import (
     Codebook,
     check_codebook,
@@ -62,11 +63,10 @@ from framework.ratedistortion import (
     summarize_output_bounds,
     tensor_bound,
 )
-from plugins.compressors.gptq import (
-    _by_role,
-    _inverse_cholesky,
-    _threads,
+from framework.sequential import (
     check_calibration_args,
+    errors_by_role,
+    intra_op_threads,
     quantize_sequentially,
     relative_output_errors,
 )
@@ -110,10 +110,10 @@ def block_ldlq(
     d = book.dim
     block_size = max(d, block_size - block_size % d)
     w = w.to(torch.float64).clone()
-    upper, damp_used = _inverse_cholesky(hessian.to(torch.float64), damp)
+    upper, damp_used = inverse_cholesky_upper(hessian.to(torch.float64), damp, what="quip")
     codes = np.empty((rows, cols // d), dtype=np.int64)
     loss = 0.0
-    with _threads(1):  # many small steps: threads would mostly wait (as in GPTQ)
+    with intra_op_threads(1):  # many small steps: threads would mostly wait (as in GPTQ)
         for i1 in range(0, cols, block_size):
             i2 = min(i1 + block_size, cols)
             w1 = w[:, i1:i2].clone()
@@ -300,7 +300,7 @@ class QuIP(Compressor):
             encoded=encoded,
             meta=meta,
             metrics=metrics,
-            tables={"by_role": _by_role(rows_out), "rate_distortion": bounds},
+            tables={"by_role": errors_by_role(rows_out), "rate_distortion": bounds},
             plots={"rate_distortion": plot},
         )
 

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from framework.calibration import DiskActivations, capture_block_inputs
+from framework.calibration import (
+    DiskActivations,
+    capture_block_inputs,
+    damped_cholesky,
+    inverse_cholesky_upper,
+)
+from framework.errors import SculptError
 from framework.eval import measure
 from framework.models import blocks
 
@@ -69,3 +75,30 @@ def test_capture_offloaded_equals_in_memory(tiny, tmp_path) -> None:
     assert torch.equal(disk.hidden[slice(0, 5)], mem.hidden)
     assert [rows for rows, _, _ in disk.calls] == [slice(0, 2), slice(2, 4), slice(4, 5)]
     disk.hidden.close()
+
+
+def test_damped_cholesky_grows_the_damping_only_as_far_as_needed() -> None:
+    a = torch.randn(64, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    h = a.T @ a
+    chol, d = damped_cholesky(h, 0.01, floor=1e-10, attempts=14, what="t")
+    assert d == 0.01  # well conditioned: the first try succeeds
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(6, dtype=torch.float64)
+    assert torch.allclose(chol @ chol.T, damped)
+    # An exactly duplicated input makes H singular: with no damping at all the factorisation
+    # fails and d grows from the floor.
+    dup = torch.cat([a, a[:, :1]], dim=1)
+    chol, d = damped_cholesky(dup.T @ dup, 0.0, floor=1e-10, attempts=14, what="t")
+    assert 0.0 < d < 1e-3 and torch.isfinite(chol).all()
+    with pytest.raises(SculptError, match=r"^merge: the Hessian is not positive definite"):
+        damped_cholesky(-torch.eye(3, dtype=torch.float64), 0.0, 1e-10, 3, "merge")
+
+
+def test_inverse_cholesky_upper_factors_the_damped_inverse() -> None:
+    a = torch.randn(80, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h = a.T @ a
+    upper, d = inverse_cholesky_upper(h, 0.01, what="quip")
+    assert d == 0.01 and torch.equal(upper, upper.triu())
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(8, dtype=torch.float64)
+    assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped))
+    with pytest.raises(SculptError, match=r"^quip: "):
+        inverse_cholesky_upper(-torch.eye(3, dtype=torch.float64), 0.0, what="quip")
