@@ -1,0 +1,142 @@
+"""Screen distillation settings on a saved compressed model, quickly and side by side.
+
+A full `sculpt experiment=slice_distill` run costs a slicing stage, ten minutes of training
+and a 40-window evaluation; this script starts from a model folder a run already saved
+(e.g. a sliced SmolLM2's model/), takes a fixed number of AdamW steps of KL(teacher ||
+student) on the protocol's calibration windows in the runner's seeded order
+(framework.lightning.modules.StepBatches, seed 0), and scores the student on the first
+`--eval-windows` KJV evaluation windows. Every setting sees the same batches, so the
+perplexities compare directly; `--steps 0` scores the starting point. The optimiser steps
+exactly as the distill editor's (AdamW, linear warm-up), with two knobs the editor does
+not have: a separate learning rate for the embedding and LM head (`--edge-lr`, 0 freezes
+them) and nothing else trained differently.
+
+    .venv/bin/python experiments/distill_screen.py STUDENT_DIR --steps 12 --lr 5e-5
+    (appends one JSON line per run to --out, default outputs/distill_screen.jsonl)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kl_per_token(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float
+) -> torch.Tensor:
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * t * t
+
+
+@torch.no_grad()
+def score(model: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> dict[str, float]:
+    model.eval()
+    nll = kl = tokens = 0.0
+    for batch in windows.split(4):
+        logits = model(input_ids=batch).logits[:, :-1]
+        ref = teacher(input_ids=batch).logits[:, :-1]
+        logp = F.log_softmax(logits.float(), dim=-1)
+        nll += float(-logp.gather(-1, batch[:, 1:, None]).sum())
+        kl += float(kl_per_token(ref, logits, 1.0).sum())
+        tokens += batch[:, 1:].numel()
+    model.train()
+    return {"perplexity": math.exp(nll / tokens), "kl": kl / tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("student", help="a saved model folder (from_pretrained)")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument(
+        "--edge-lr", type=float, default=None, help="embedding and head (0: frozen)"
+    )
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--name", default="")
+    parser.add_argument("--out", default="outputs/distill_screen.jsonl")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from framework.data import WindowSpec, build_windows
+    from framework.data.sources import kjv, shakespeare
+    from framework.lightning.modules import StepBatches
+    from framework.models import load_packaged  # also registers the sliced Llama class
+
+    loaded = load_packaged("smollm2-135m-instruct")
+    teacher = loaded.model.eval().requires_grad_(False)
+    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+    calibration = build_windows(
+        loaded.tokenizer, WindowSpec(shakespeare, 128, 512, "random", 0), "calibration", None
+    )
+    evaluation = build_windows(
+        loaded.tokenizer, WindowSpec(kjv, args.eval_windows, 512), "evaluation", None
+    )
+
+    edge_lr = args.lr if args.edge_lr is None else args.edge_lr
+    edge = [p for n, p in student.named_parameters() if "embed" in n or "lm_head" in n]
+    edge_ids = {id(p) for p in edge}
+    body = [p for p in student.parameters() if id(p) not in edge_ids]
+    groups = [{"params": body, "lr": args.lr}]
+    if edge_lr > 0:
+        groups.append({"params": edge, "lr": edge_lr})
+    else:
+        for p in edge:
+            p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0, foreach=False)
+    warmup = max(args.warmup, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    batches = StepBatches(calibration, max(args.steps, 1), args.batch_size, 0, 0, 1)
+
+    student.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(args.steps):
+        batch = batches[step]
+        logits = student(input_ids=batch).logits[:, :-1]
+        with torch.no_grad():
+            ref = teacher(input_ids=batch).logits[:, :-1]
+        loss = kl_per_token(ref, logits, args.temperature).mean()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(float(loss), 4))
+        print(
+            f"step {step + 1}: loss {losses[-1]} ({time.perf_counter() - start:.0f} s)", flush=True
+        )
+    seconds = time.perf_counter() - start
+    result = {
+        "name": args.name,
+        "student": args.student,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "edge_lr": edge_lr,
+        "warmup": args.warmup,
+        "temperature": args.temperature,
+        "train_seconds": round(seconds, 1),
+        "eval_windows": args.eval_windows,
+        **score(student, teacher, evaluation),
+        "losses": losses,
+    }
+    print(json.dumps(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
