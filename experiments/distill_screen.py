@@ -7,9 +7,9 @@ student) on the protocol's calibration windows in the runner's seeded order
 (framework.lightning.modules.StepBatches, seed 0), and scores the student on the first
 `--eval-windows` KJV evaluation windows. Every setting sees the same batches, so the
 perplexities compare directly; `--steps 0` scores the starting point. The optimiser steps
-exactly as the distill editor's (AdamW, linear warm-up), with two knobs the editor does
-not have: a separate learning rate for the embedding and LM head (`--edge-lr`, 0 freezes
-them) and nothing else trained differently.
+as the distill editor's (AdamW, linear warm-up, gradient norm clipped at `--clip`, as
+trainer.gradient_clip_val; 0: no clipping), plus one knob the editor does not have: a
+separate learning rate for the embedding and LM head (`--edge-lr`, 0 freezes them).
 
     .venv/bin/python experiments/distill_screen.py STUDENT_DIR --steps 12 --lr 5e-5
     (appends one JSON line per run to --out, default outputs/distill_screen.jsonl)
@@ -62,6 +62,7 @@ def main() -> None:
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--name", default="")
     parser.add_argument("--out", default="outputs/distill_screen.jsonl")
@@ -109,6 +110,8 @@ def main() -> None:
             ref = teacher(input_ids=batch).logits[:, :-1]
         loss = kl_per_token(ref, logits, args.temperature).mean()
         loss.backward()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -126,6 +129,7 @@ def main() -> None:
         "edge_lr": edge_lr,
         "warmup": args.warmup,
         "temperature": args.temperature,
+        "clip": args.clip,
         "train_seconds": round(seconds, 1),
         "eval_windows": args.eval_windows,
         **score(student, teacher, evaluation),
