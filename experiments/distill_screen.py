@@ -19,36 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-
-def kl_per_token(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float
-) -> torch.Tensor:
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1) * t * t
-
-
-@torch.no_grad()
-def score(model: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> dict[str, float]:
-    model.eval()
-    nll = kl = tokens = 0.0
-    for batch in windows.split(4):
-        logits = model(input_ids=batch).logits[:, :-1]
-        ref = teacher(input_ids=batch).logits[:, :-1]
-        logp = F.log_softmax(logits.float(), dim=-1)
-        nll += float(-logp.gather(-1, batch[:, 1:, None]).sum())
-        kl += float(kl_per_token(ref, logits, 1.0).sum())
-        tokens += batch[:, 1:].numel()
-    model.train()
-    return {"perplexity": math.exp(nll / tokens), "kl": kl / tokens}
 
 
 def main() -> None:
@@ -72,7 +46,8 @@ def main() -> None:
 
     from framework.data import WindowSpec, build_windows
     from framework.data.sources import kjv, shakespeare
-    from framework.lightning.modules import StepBatches
+    from framework.eval import evaluate_causal_lm
+    from framework.lightning.modules import CausalLMModule, Objectives, StepBatches
     from framework.models import load_packaged  # also registers the sliced Llama class
 
     loaded = load_packaged("smollm2-135m-instruct")
@@ -85,6 +60,9 @@ def main() -> None:
         loaded.tokenizer, WindowSpec(kjv, args.eval_windows, 512), "evaluation", None
     )
 
+    # The distill editor's own loss (KL(teacher || student) at the temperature, x T^2). Built
+    # first: it marks every parameter trainable, and --edge-lr 0 freezes some below.
+    module = CausalLMModule(student, teacher, Objectives(temperature=args.temperature))
     edge_lr = args.lr if args.edge_lr is None else args.edge_lr
     edge = [p for n, p in student.named_parameters() if "embed" in n or "lm_head" in n]
     edge_ids = {id(p) for p in edge}
@@ -100,15 +78,10 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     batches = StepBatches(calibration, max(args.steps, 1), args.batch_size, 0, 0, 1)
 
-    student.train()
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(args.steps):
-        batch = batches[step]
-        logits = student(input_ids=batch).logits[:, :-1]
-        with torch.no_grad():
-            ref = teacher(input_ids=batch).logits[:, :-1]
-        loss = kl_per_token(ref, logits, args.temperature).mean()
+        loss = module(batches[step])
         loss.backward()
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip)
@@ -132,7 +105,11 @@ def main() -> None:
         "clip": args.clip,
         "train_seconds": round(seconds, 1),
         "eval_windows": args.eval_windows,
-        **score(student, teacher, evaluation),
+        **{
+            k: v
+            for k, v in evaluate_causal_lm(student, evaluation, reference=teacher).items()
+            if k in ("perplexity", "kl")
+        },
         "losses": losses,
     }
     print(json.dumps(result))
