@@ -2,7 +2,11 @@
 LEACE eraser: the shared math of plugins/analyzers/probes.py and plugins/editors/leace.py.
 
 A concept file is JSON lines, ``{"text": "...", "label": "..."}`` per line (see
-experiments/data/concept_animals_tools.jsonl). A sentence is represented at a layer by the
+experiments/data/concept_animals_tools.jsonl), optionally with ``"group"``: what makes
+examples near-copies of each other (the noun a sentence is built around). With groups, a
+probe can be scored on groups it never saw, and against a control task that gives every
+group a random label (Hewitt & Liang, 2019): how much a probe finds by memorising groups
+rather than reading the concept. A sentence is represented at a layer by the
 mean of its residual-stream states over its tokens after the first (the first position of
 a Llama carries the attention sink's huge channels whatever the text). The mean is linear,
 so an eraser applied to every token's state is applied to the mean too.
@@ -29,6 +33,7 @@ class Labelled:
     texts: list[str]
     labels: torch.Tensor  # [n] class indices
     classes: list[str]
+    groups: torch.Tensor | None = None  # [n] group indices (the file's "group"), if given
 
 
 def resolve_path(path: str | Path, key: str) -> Path:
@@ -45,27 +50,36 @@ def load_labelled(path: str | Path, key: str = "data") -> Labelled:
     file = resolve_path(path, key)
     texts: list[str] = []
     names: list[str] = []
+    group_names: list[str | None] = []
     for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             text, label = str(row["text"]), str(row["label"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            group = None if row.get("group") is None else str(row["group"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise SculptError(
                 f'{key}: {file}:{n}: expected {{"text": ..., "label": ...}} ({exc})'
             ) from exc
         if not text.strip():
             raise SculptError(f"{key}: {file}:{n}: empty text")
+        if group_names and (group is None) != (group_names[0] is None):
+            raise SculptError(f'{key}: {file}:{n}: "group" must be given on every line or none')
         texts.append(text)
         names.append(label)
+        group_names.append(group)
     classes = sorted(set(names))
     if len(classes) < 2:
         raise SculptError(f"{key}: {file} needs at least two labels, found {classes}")
     labels = torch.tensor([classes.index(c) for c in names])
     if int(torch.bincount(labels).min()) < 5:
         raise SculptError(f"{key}: {file}: every label needs at least 5 examples")
-    return Labelled(texts=texts, labels=labels, classes=classes)
+    groups = None
+    if group_names and group_names[0] is not None:
+        index = {g: i for i, g in enumerate(sorted(set(group_names)))}  # type: ignore[arg-type]
+        groups = torch.tensor([index[g] for g in group_names])
+    return Labelled(texts=texts, labels=labels, classes=classes, groups=groups)
 
 
 def stratified_split(
@@ -179,27 +193,60 @@ def _logistic(
     return w.detach(), b.detach()
 
 
+def _folds(n: int, folds: int, seed: int, groups: torch.Tensor | None) -> list[torch.Tensor]:
+    """Test indices of each fold: examples dealt round-robin in a seeded order, or with
+    ``groups`` whole groups dealt so (every fold then holds groups no other fold has)."""
+    gen = torch.Generator().manual_seed(seed)
+    if groups is None:
+        order = torch.randperm(n, generator=gen)
+        return [order[k::folds] for k in range(folds)]
+    names = groups.unique()
+    if len(names) < folds:
+        raise SculptError(f"data: {len(names)} groups cannot fill {folds} grouped folds")
+    fold_of = torch.empty(int(names.max()) + 1, dtype=torch.long)
+    fold_of[names[torch.randperm(len(names), generator=gen)]] = torch.arange(len(names)) % folds
+    return [(fold_of[groups] == k).nonzero().flatten() for k in range(folds)]
+
+
 def probe_accuracy(
-    x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e-2, seed: int = 0
+    x: torch.Tensor,
+    y: torch.Tensor,
+    folds: int = 5,
+    l2: float = 1e-2,
+    seed: int = 0,
+    groups: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """(probe accuracy, majority baseline), both held-out: k-fold cross-validation of an
     L2-regularised multinomial logistic regression on standardised features, every example
-    scored once by a probe that never saw it. The baseline is the most frequent class's
+    scored once by a probe that never saw it (with ``groups``: that never saw its group, so
+    it cannot key on the group's identity). The baseline is the most frequent class's
     share, what a constant predictor scores (a per-fold majority would sit below it on
     balanced data, since each test fold's class is the training folds' minority)."""
     n_classes = int(y.max()) + 1
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(y), generator=gen)
+    tests = _folds(len(y), folds, seed, groups)
     correct = 0
-    for k in range(folds):
-        test = order[k::folds]
-        train = torch.cat([order[j::folds] for j in range(folds) if j != k])
+    for k, test in enumerate(tests):
+        train = torch.cat([t for j, t in enumerate(tests) if j != k])
         mu = x[train].mean(0)
         sd = x[train].std(0).clamp(min=1e-8)
         xs = (x - mu) / sd
         w, b = _logistic(xs[train], y[train], n_classes, l2)
         correct += int(((xs[test] @ w + b).argmax(1) == y[test]).sum())
     return correct / len(y), float(torch.bincount(y).max()) / len(y)
+
+
+def control_labels(y: torch.Tensor, groups: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A control task (Hewitt & Liang, 2019, "Designing and interpreting probes with control
+    tasks"): every group gets one label drawn from the real labels' distribution over
+    groups, with no relation to the concept. A probe that scores well on it is memorising
+    groups; the real task's accuracy minus the control's is the probe's selectivity."""
+    gen = torch.Generator().manual_seed(seed)
+    names = groups.unique()
+    first = torch.stack([(groups == g).nonzero()[0, 0] for g in names])
+    shuffled = y[first][torch.randperm(len(names), generator=gen)]
+    label_of = torch.empty(int(names.max()) + 1, dtype=y.dtype)
+    label_of[names] = shuffled
+    return label_of[groups]
 
 
 def transfer_accuracy(

@@ -4,7 +4,10 @@ erasure (plugins/analyzers/probes.py, plugins/editors/leace.py).
 
 Composed from word lists and sentence frames written for this project (no external corpus):
 class-specific frames (what animals do, what tools are used for) and shared frames that
-only the noun decides. Deterministic (seed 0):
+only the noun decides. Each line's "group" is its noun: sentences about the same noun are
+near-copies for a probe, which can memorise nouns instead of reading the concept
+(framework.concepts scores probes on unseen nouns and against a control task for that).
+Deterministic (seed 0):
     python experiments/data/make_concept_animals_tools.py
 """
 
@@ -175,16 +178,23 @@ def fill(frame: str, noun: str) -> str:
     return text.format(x=noun)
 
 
-def sentences(nouns: list[str], frames: list[str], rng: random.Random) -> list[str]:
-    pool = sorted({fill(f, n) for f in frames + SHARED_FRAMES for n in nouns})
+def sentences(nouns: list[str], frames: list[str], rng: random.Random) -> list[tuple[str, str]]:
+    """(sentence, noun) pairs, PER_CLASS of them drawn from every frame x noun."""
+    noun_of = {fill(f, n): n for f in frames + SHARED_FRAMES for n in nouns}
+    pool = sorted(noun_of)
     rng.shuffle(pool)
-    return pool[:PER_CLASS]
+    return [(t, noun_of[t]) for t in pool[:PER_CLASS]]
 
 
 def main() -> None:
     rng = random.Random(0)
-    rows = [{"text": t, "label": "animal"} for t in sentences(ANIMALS, ANIMAL_FRAMES, rng)]
-    rows += [{"text": t, "label": "tool"} for t in sentences(TOOLS, TOOL_FRAMES, rng)]
+    rows = [
+        {"text": t, "label": "animal", "group": n}
+        for t, n in sentences(ANIMALS, ANIMAL_FRAMES, rng)
+    ]
+    rows += [
+        {"text": t, "label": "tool", "group": n} for t, n in sentences(TOOLS, TOOL_FRAMES, rng)
+    ]
     rng.shuffle(rows)
     out = Path(__file__).with_name("concept_animals_tools.jsonl")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -4,6 +4,12 @@ classifier probes"): how linearly decodable a concept is from each layer's resid
 Labelled sentences come from a JSON-lines file (framework.concepts); each sentence is its
 mean residual state after each block; a logistic-regression probe is scored by k-fold
 cross-validation, so every accuracy is held-out, next to the majority-class baseline.
+
+When the file gives every sentence a group (the noun it is about), two more columns say how
+much of that accuracy is the concept: the probe scored on groups it never saw, and the
+probe on a control task that labels each group at random (Hewitt & Liang, 2019,
+"Designing and interpreting probes with control tasks"). Selectivity is the plain probe's
+accuracy less the control's: a probe that memorises groups scores well on both.
 """
 
 from __future__ import annotations
@@ -11,7 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from framework.concepts import load_labelled, probe_accuracy, sentence_states, stratified_split
+from framework.concepts import (
+    control_labels,
+    load_labelled,
+    probe_accuracy,
+    sentence_states,
+    stratified_split,
+)
 from framework.errors import ConfigError
 from framework.interventions import check_supported, num_layers
 from framework.plots import pyplot, save_figure
@@ -68,18 +80,28 @@ class Probes(Analyzer):
             _, idx = stratified_split(labelled.labels, self.skip_fraction, self.split_seed)
         texts = [labelled.texts[i] for i in idx.tolist()]
         y = labelled.labels[idx]
+        groups = None if labelled.groups is None else labelled.groups[idx]
+        control = None if groups is None else control_labels(y, groups, ctx.seed)
         states = sentence_states(model, ctx.arch, ctx.tokenizer, texts, layers)
         rows = []
         for layer in ctx.track(layers, "probes"):
-            acc, base = probe_accuracy(states[layer], y, self.folds, self.l2, seed=ctx.seed)
-            rows.append(
-                {
-                    "layer": layer,
-                    "probe_accuracy": round(acc, 4),
-                    "majority_baseline": round(base, 4),
-                    "over_baseline": round(acc - base, 4),
+            x = states[layer]
+            acc, base = probe_accuracy(x, y, self.folds, self.l2, seed=ctx.seed)
+            row = {
+                "layer": layer,
+                "probe_accuracy": round(acc, 4),
+                "majority_baseline": round(base, 4),
+                "over_baseline": round(acc - base, 4),
+            }
+            if groups is not None and control is not None:
+                unseen, _ = probe_accuracy(x, y, self.folds, self.l2, ctx.seed, groups)
+                ctrl, _ = probe_accuracy(x, control, self.folds, self.l2, ctx.seed)
+                row |= {
+                    "unseen_groups": round(unseen, 4),
+                    "control": round(ctrl, 4),
+                    "selectivity": round(acc - ctrl, 4),
                 }
-            )
+            rows.append(row)
         best = max(rows, key=lambda r: r["probe_accuracy"])
         metrics = {
             "examples": float(len(y)),
@@ -90,6 +112,9 @@ class Probes(Analyzer):
             "max_over_baseline": max(float(r["over_baseline"]) for r in rows),
             "mean_accuracy": sum(float(r["probe_accuracy"]) for r in rows) / len(rows),
         }
+        if groups is not None:
+            metrics["groups"] = float(len(groups.unique()))
+            metrics["min_selectivity"] = min(float(r["selectivity"]) for r in rows)
         return StageResult(
             metrics=metrics, tables={"probes": rows}, plots={"probes": self._plot(ctx, rows)}
         )
@@ -99,6 +124,9 @@ class Probes(Analyzer):
         fig, ax = plt.subplots(figsize=(6, 3.4))
         x = [r["layer"] for r in rows]
         ax.plot(x, [r["probe_accuracy"] for r in rows], marker=".", label="probe (held-out)")
+        if "control" in rows[0]:
+            ax.plot(x, [r["unseen_groups"] for r in rows], marker=".", label="probe, unseen groups")
+            ax.plot(x, [r["control"] for r in rows], marker=".", label="control task")
         ax.plot(x, [r["majority_baseline"] for r in rows], ls="--", label="majority baseline")
         ax.set(xlabel="layer", ylabel="accuracy", ylim=(0, 1.02))
         ax.set_title(f"linear probes: {self.data.rsplit('/', 1)[-1]}", fontsize=9)

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from framework.concepts import (
+    control_labels,
     leace,
     load_labelled,
     probe_accuracy,
@@ -191,6 +192,28 @@ class Leace(Editor):
             logits = model(input_ids=ids, use_cache=False).logits.float()
         return ids, logits
 
+    def _group_checks(
+        self,
+        states: dict[str, tuple[torch.Tensor, float]],
+        y: torch.Tensor,
+        groups: torch.Tensor,
+        seed: int,
+    ) -> dict[str, float]:
+        """With the data's groups, for each of ``states`` (when -> (held-out states, plain
+        probe accuracy)): the probe scored on groups it never saw, and the plain probe on a
+        control task (a random label per group). A plain probe that scores no better on the
+        concept than on the control is reading group identity, not the concept
+        (selectivity <= 0)."""
+        out: dict[str, float] = {}
+        control = control_labels(y, groups, seed)
+        for when, (x, plain) in states.items():
+            unseen, _ = probe_accuracy(x, y, self.folds, self.l2, seed, groups)
+            ctrl, _ = probe_accuracy(x, control, self.folds, self.l2, seed)
+            out[f"probe_{when}_unseen_groups"] = unseen
+            out[f"control_{when}"] = ctrl
+            out[f"selectivity_{when}"] = plain - ctrl
+        return out
+
     @torch.no_grad()
     def edit(self, model: nn.Module, ctx: Context) -> StageResult:
         check_supported(ctx.arch, "LEACE erasure")
@@ -203,6 +226,7 @@ class Leace(Editor):
         fit_texts = [labelled.texts[i] for i in fit_idx.tolist()]
         held_texts = [labelled.texts[i] for i in held_idx.tolist()]
         y_fit, y_held = labelled.labels[fit_idx], labelled.labels[held_idx]
+        g_held = None if labelled.groups is None else labelled.groups[held_idx]
         n_classes = len(labelled.classes)
 
         def states(texts: list[str]) -> torch.Tensor:
@@ -261,6 +285,10 @@ class Leace(Editor):
             held_after, y_held, self.folds, self.l2, ctx.seed
         )
         acc_fit, base_fit = probe_accuracy(fit_after, y_fit, self.folds, self.l2, ctx.seed)
+        grouped = {}
+        if g_held is not None:
+            states = {"before": (held_before, acc_before), "after": (held_after, acc_after)}
+            grouped = self._group_checks(states, y_held, g_held, ctx.seed)
         # LEACE's own guarantee: a probe learned from the erased fitted half, scored on the
         # held-out half (before: the same probe on the unedited states).
         transfer_before, transfer_base = transfer_accuracy(
@@ -297,6 +325,7 @@ class Leace(Editor):
             "fold_approx_kl": approx_kl if approx_kl == approx_kl else -1.0,
             # cross-covariance with the label left on the fitted half, / before the edit
             "cross_cov_residual": cross_after / first_norm if first_norm else 0.0,
+            **grouped,
         }
         if (
             self.max_over_baseline is not None

@@ -42,3 +42,13 @@ def test_probes_report_the_majority_baseline(tiny, ctx, tmp_path) -> None:
     assert result.metrics["examples"] == 50
     half = Probes(data=str(path), folds=2, skip_fraction=0.5).analyze(tiny.model.eval(), ctx)
     assert half.metrics["examples"] == 25
+    assert "selectivity" not in table[0]
+    # with groups: the probe on unseen groups and the control task (a label per group)
+    for r in rows:
+        r["group"] = r["text"].split()[-1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grouped = Probes(data=str(path), folds=2).analyze(tiny.model.eval(), ctx)
+    assert grouped.metrics["groups"] == len({r["group"] for r in rows})
+    for r in grouped.tables["probes"]:
+        assert 0 <= r["unseen_groups"] <= 1 and 0 <= r["control"] <= 1
+        assert r["selectivity"] == pytest.approx(r["probe_accuracy"] - r["control"], abs=2e-4)

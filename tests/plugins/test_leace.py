@@ -82,6 +82,21 @@ def test_readers_fold(tiny, ctx, concept_file) -> None:
     # held-out half (LEACE's guarantee), while the same probe on the unedited states did
     assert m["transfer_probe_before"] > m["transfer_baseline"] + 0.2
     assert m["transfer_over_baseline_after"] <= 0.05
+    assert "control_after" not in m  # the file names no groups
+
+
+def test_group_checks_when_the_file_names_groups(tiny, ctx, concept_file, tmp_path) -> None:
+    rows = [json.loads(line) for line in concept_file.read_text().splitlines()]
+    grouped = tmp_path / "grouped.jsonl"
+    grouped.write_text(
+        "".join(json.dumps(r | {"group": r["text"].split()[-2]}) + "\n" for r in rows)
+    )
+    m = Leace(data=str(grouped), layer=0, max_over_baseline=None).edit(tiny.model.eval(), ctx)
+    m = m.metrics
+    for when in ("before", "after"):
+        for key in (f"probe_{when}_unseen_groups", f"control_{when}"):
+            assert 0.0 <= m[key] <= 1.0
+        assert m[f"selectivity_{when}"] == pytest.approx(m[f"probe_{when}"] - m[f"control_{when}"])
 
 
 def test_transfer_accuracy_scores_a_probe_learned_elsewhere() -> None:

@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 
-from framework.concepts import leace, load_labelled, probe_accuracy, stratified_split
+from framework.concepts import (
+    control_labels,
+    leace,
+    load_labelled,
+    probe_accuracy,
+    stratified_split,
+)
 from framework.errors import SculptError
 from plugins.analyzers.cka import linear_cka
 
@@ -99,3 +105,68 @@ def test_shipped_concept_file() -> None:
     assert data.classes == ["animal", "tool"]
     assert torch.bincount(data.labels).tolist() == [400, 400]
     assert len(set(data.texts)) == 800
+    assert data.groups is not None and len(data.groups.unique()) == 91  # 46 animals, 45 tools
+    for g in data.groups.unique():  # a noun is one class
+        assert len(data.labels[data.groups == g].unique()) == 1
+
+
+def _clusters(groups: int = 40, per: int = 10, d: int = 64, concept: float = 0.0, seed: int = 0):
+    """Tight clusters (one per group) at random centres; ``concept`` > 0 also shifts one
+    class's clusters along a shared direction, so the label is readable from a new group."""
+    gen = torch.Generator().manual_seed(seed)
+    group = torch.arange(groups).repeat_interleave(per)
+    label_of = torch.arange(groups) % 2
+    centres = torch.randn(groups, d, generator=gen, dtype=torch.float64)
+    centres[:, 0] += concept * label_of
+    x = centres[group] + 0.2 * torch.randn(groups * per, d, generator=gen, dtype=torch.float64)
+    return x, label_of[group], group
+
+
+def test_grouped_folds_stop_a_probe_from_memorising_groups() -> None:
+    # No shared concept: each group's label is arbitrary. A plain probe still scores high
+    # (it memorises 40 clusters in 64 dimensions); on unseen groups it is at chance.
+    x, y, g = _clusters()
+    plain, base = probe_accuracy(x, y)
+    unseen, _ = probe_accuracy(x, y, groups=g)
+    assert base == 0.5
+    assert plain > 0.9
+    assert abs(unseen - 0.5) < 0.15
+    # A concept shared by the groups is read from unseen groups too (given more groups than
+    # dimensions, so that memorising them is no longer the easier fit).
+    x, y, g = _clusters(groups=200, per=4, concept=6.0)
+    unseen, _ = probe_accuracy(x, y, groups=g)
+    assert unseen > 0.9
+
+
+def test_control_task_labels_groups_at_random_with_the_real_balance() -> None:
+    x, y, g = _clusters(concept=6.0)
+    control = control_labels(y, g, seed=3)
+    for group in g.unique():
+        assert len(control[g == group].unique()) == 1  # one label per group
+    assert torch.bincount(control).tolist() == torch.bincount(y).tolist()
+    assert not torch.equal(control, y)
+    assert torch.equal(control, control_labels(y, g, seed=3))  # seeded
+    # 40 groups in 64 dimensions: the control is memorised as well as the concept is read
+    # (selectivity about 0); with 200 groups memorising costs more and the gap opens.
+    plain, _ = probe_accuracy(x, y)
+    ctrl, _ = probe_accuracy(x, control)
+    assert plain > 0.95 and ctrl > 0.95
+    x, y, g = _clusters(groups=200, per=4, concept=6.0)
+    plain, _ = probe_accuracy(x, y)
+    ctrl, _ = probe_accuracy(x, control_labels(y, g, seed=3))
+    assert plain - ctrl > 0.2
+
+
+def test_groups_must_be_on_every_line_or_none(tmp_path) -> None:
+    rows = [{"text": f"t {i}", "label": "ab"[i % 2], "group": f"g{i % 4}"} for i in range(12)]
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_labelled(good)
+    assert data.groups is not None and data.groups.tolist()[:4] == [0, 1, 2, 3]
+    del rows[5]["group"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SculptError, match=r'bad\.jsonl:6: "group" must be given on every line'):
+        load_labelled(bad)
+    with pytest.raises(SculptError, match="4 groups cannot fill 5 grouped folds"):
+        probe_accuracy(torch.randn(12, 3, dtype=torch.float64), data.labels, groups=data.groups)
