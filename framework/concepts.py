@@ -83,18 +83,28 @@ def load_labelled(path: str | Path, key: str = "data") -> Labelled:
 
 
 def stratified_split(
-    labels: torch.Tensor, fraction: float, seed: int
+    labels: torch.Tensor, fraction: float, seed: int, groups: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (first, rest): ``fraction`` of every class in ``first``, seeded."""
+    """Indices (first, rest): ``fraction`` of every class in ``first``, seeded. With
+    ``groups``, whole groups go to one side (``fraction`` of every class's groups, a group's
+    class being its first example's), so ``rest`` holds only groups ``first`` never had."""
     gen = torch.Generator().manual_seed(seed)
+    if groups is None:
+        units, unit_class = torch.arange(len(labels)), labels
+    else:
+        units = groups.unique()
+        unit_class = labels[torch.stack([(groups == g).nonzero()[0, 0] for g in units])]
     first, rest = [], []
-    for c in labels.unique():
-        idx = (labels == c).nonzero().flatten()
+    for c in unit_class.unique():
+        idx = units[unit_class == c]
         idx = idx[torch.randperm(len(idx), generator=gen)]
         k = round(fraction * len(idx))
         first.append(idx[:k])
         rest.append(idx[k:])
-    return torch.cat(first).sort().values, torch.cat(rest).sort().values
+    a, b = torch.cat(first), torch.cat(rest)
+    if groups is not None:
+        a, b = torch.isin(groups, a).nonzero().flatten(), torch.isin(groups, b).nonzero().flatten()
+    return a.sort().values, b.sort().values
 
 
 @torch.no_grad()

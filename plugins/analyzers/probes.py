@@ -41,6 +41,7 @@ class Probes(Analyzer):
         skip_fraction: leave out this stratified fraction of every class (with split_seed,
             the part an eraser such as editors/leace fitted on) and probe the rest.
         split_seed: seed of that split.
+        split_by: ``examples`` or ``groups`` (whole groups left out; as editors/leace).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class Probes(Analyzer):
         l2: float = 1e-2,
         skip_fraction: float = 0.0,
         split_seed: int = 0,
+        split_by: str = "examples",
     ):
         if folds < 2:
             raise ConfigError("folds", f"{folds} must be >= 2")
@@ -58,6 +60,9 @@ class Probes(Analyzer):
             raise ConfigError("l2", f"{l2} must be >= 0")
         if not 0 <= skip_fraction < 1:
             raise ConfigError("skip_fraction", f"{skip_fraction} must be in [0, 1)")
+        if split_by not in ("examples", "groups"):
+            raise ConfigError("split_by", f"'{split_by}' is not one of examples, groups")
+        self.split_by = split_by
         self.data = data
         self.layers = layers
         self.folds = folds
@@ -77,7 +82,12 @@ class Probes(Analyzer):
         layers = sorted({i % n_layers for i in layers})
         idx = torch.arange(len(labelled.texts))
         if self.skip_fraction > 0:
-            _, idx = stratified_split(labelled.labels, self.skip_fraction, self.split_seed)
+            if self.split_by == "groups" and labelled.groups is None:
+                raise ConfigError("split_by", f'groups: {self.data} names no "group" per line')
+            by_group = labelled.groups if self.split_by == "groups" else None
+            _, idx = stratified_split(
+                labelled.labels, self.skip_fraction, self.split_seed, by_group
+            )
         texts = [labelled.texts[i] for i in idx.tolist()]
         y = labelled.labels[idx]
         groups = None if labelled.groups is None else labelled.groups[idx]

@@ -114,6 +114,9 @@ class Leace(Editor):
         fit_fraction: stratified fraction of every class the eraser is fitted on; the rest
             is held out for verification.
         split_seed: seed of that split (probes' skip_fraction/split_seed pick the same).
+        split_by: ``examples`` (a stratified share of the sentences) or ``groups`` (a share of
+            every class's groups, whole: the held-out half then holds only nouns the eraser
+            never saw, which tests whether the erasure generalises beyond them).
         shrinkage: Sigma + shrinkage * tr(Sigma)/d * I in the whitening (0: exact LEACE on
             the range of Sigma).
         iterations: refit-and-fold rounds at most (see the module docstring).
@@ -134,6 +137,7 @@ class Leace(Editor):
         whiten_windows: int = 8,
         fit_fraction: float = 0.5,
         split_seed: int = 0,
+        split_by: str = "examples",
         shrinkage: float = 0.0,
         iterations: int = 4,
         tolerance: float = 1e-3,
@@ -143,6 +147,8 @@ class Leace(Editor):
     ):
         if not 0 < fit_fraction < 1:
             raise ConfigError("fit_fraction", f"{fit_fraction} must be in (0, 1)")
+        if split_by not in ("examples", "groups"):
+            raise ConfigError("split_by", f"'{split_by}' is not one of examples, groups")
         if placement not in ("readers", "writers"):
             raise ConfigError("placement", f"'{placement}' is not one of readers, writers")
         if whiten_on not in ("text", "concept"):
@@ -167,6 +173,7 @@ class Leace(Editor):
         self.needs_calibration = whiten_on == "text"  # type: ignore[misc]
         self.fit_fraction = fit_fraction
         self.split_seed = split_seed
+        self.split_by = split_by
         self.shrinkage = shrinkage
         self.iterations = iterations
         self.tolerance = tolerance
@@ -222,7 +229,14 @@ class Leace(Editor):
         if not -n_layers <= self.layer < n_layers:
             raise ConfigError("layer", f"{self.layer} does not exist (model has {n_layers} blocks)")
         layer = self.layer % n_layers
-        fit_idx, held_idx = stratified_split(labelled.labels, self.fit_fraction, self.split_seed)
+        if self.split_by == "groups" and labelled.groups is None:
+            raise ConfigError("split_by", f'groups: {self.data} names no "group" per line')
+        fit_idx, held_idx = stratified_split(
+            labelled.labels,
+            self.fit_fraction,
+            self.split_seed,
+            labelled.groups if self.split_by == "groups" else None,
+        )
         fit_texts = [labelled.texts[i] for i in fit_idx.tolist()]
         held_texts = [labelled.texts[i] for i in held_idx.tolist()]
         y_fit, y_held = labelled.labels[fit_idx], labelled.labels[held_idx]

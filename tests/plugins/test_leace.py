@@ -22,10 +22,11 @@ def concept_file(tmp_path):
     a = ["cat", "dog", "cow", "fox", "owl", "pig", "rat", "eel", "elk", "emu", "yak", "bee"]
     t = ["saw", "axe", "awl", "hoe", "vise", "file", "rake", "drill", "plane", "clamp"]
     frames = ["the {} is here.", "I saw a {} today.", "a {} sat there."]
-    rows = [{"text": f.format(w), "label": "animal"} for w in a for f in frames]
-    rows += [{"text": f.format(w), "label": "tool"} for w in t for f in frames]
+    rows = [{"text": f.format(w), "label": "animal", "group": w} for w in a for f in frames]
+    rows += [{"text": f.format(w), "label": "tool", "group": w} for w in t for f in frames]
     path = tmp_path / "concept.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps({k: r[k] for k in ("text", "label")}) + "\n" for r in rows))
+    (tmp_path / "grouped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -85,18 +86,22 @@ def test_readers_fold(tiny, ctx, concept_file) -> None:
     assert "control_after" not in m  # the file names no groups
 
 
-def test_group_checks_when_the_file_names_groups(tiny, ctx, concept_file, tmp_path) -> None:
-    rows = [json.loads(line) for line in concept_file.read_text().splitlines()]
-    grouped = tmp_path / "grouped.jsonl"
-    grouped.write_text(
-        "".join(json.dumps(r | {"group": r["text"].split()[-2]}) + "\n" for r in rows)
-    )
+def test_group_checks_when_the_file_names_groups(tiny, ctx, concept_file) -> None:
+    grouped = concept_file.with_name("grouped.jsonl")  # the same sentences, each with its noun
     m = Leace(data=str(grouped), layer=0, max_over_baseline=None).edit(tiny.model.eval(), ctx)
     m = m.metrics
     for when in ("before", "after"):
         for key in (f"probe_{when}_unseen_groups", f"control_{when}"):
             assert 0.0 <= m[key] <= 1.0
         assert m[f"selectivity_{when}"] == pytest.approx(m[f"probe_{when}"] - m[f"control_{when}"])
+    # split by group: the held-out half holds only nouns the eraser was not fitted on
+    by_noun = Leace(data=str(grouped), layer=0, split_by="groups", max_over_baseline=None)
+    m = by_noun.edit(build_tiny_llama().model.eval(), ctx).metrics
+    assert m["fit_examples"] == 3 * (6 + 5) and m["heldout_examples"] == 3 * (6 + 5)  # nouns
+    with pytest.raises(ConfigError, match=r"split_by: groups: .*concept\.jsonl names no"):
+        Leace(data=str(concept_file), layer=0, split_by="groups").edit(tiny.model, ctx)
+    with pytest.raises(ConfigError, match="split_by"):
+        Leace(split_by="nouns")
 
 
 def test_transfer_accuracy_scores_a_probe_learned_elsewhere() -> None:

@@ -157,6 +157,17 @@ def test_control_task_labels_groups_at_random_with_the_real_balance() -> None:
     assert plain - ctrl > 0.2
 
 
+def test_split_by_groups_keeps_every_group_on_one_side() -> None:
+    _, y, g = _clusters(groups=40, per=5)
+    fit, held = stratified_split(y, 0.75, seed=1, groups=g)
+    assert len(fit) + len(held) == len(y)
+    assert not set(g[fit].tolist()) & set(g[held].tolist())
+    for c in (0, 1):  # 3/4 of each class's 20 groups
+        assert len(g[fit][y[fit] == c].unique()) == 15
+    assert torch.equal(fit, stratified_split(y, 0.75, seed=1, groups=g)[0])
+    assert not torch.equal(fit, stratified_split(y, 0.75, seed=2, groups=g)[0])
+
+
 def test_groups_must_be_on_every_line_or_none(tmp_path) -> None:
     rows = [{"text": f"t {i}", "label": "ab"[i % 2], "group": f"g{i % 4}"} for i in range(12)]
     good = tmp_path / "good.jsonl"
