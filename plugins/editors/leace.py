@@ -27,8 +27,14 @@ A tied LM head is untied first (it must keep reading the unerased embedding or i
 
 Verification, reported in the metrics and enforced by ``max_over_baseline``: a held-out
 probe (k-fold logistic regression, on the examples the eraser never saw) on the edited
-layer against the majority baseline, before and after. The runner measures KL to the
-unedited model on the evaluation windows after the stage (``eval.max_kl``).
+layer against the majority baseline, before and after. When the data names a group per
+example (the noun a sentence is about), two more readings say what that probe found: the
+probe scored on groups it never saw, and the same probe on a control task that labels each
+group at random (its selectivity, Hewitt & Liang 2019): a plain k-fold probe over sentences
+that share nouns can score well by memorising nouns, whatever the concept. ``split_by:
+groups`` holds out whole nouns, so the check asks whether the erasure reaches nouns it was
+not fitted on. The runner measures KL to the unedited model on the evaluation windows
+after the stage (``eval.max_kl``).
 """
 
 from __future__ import annotations
