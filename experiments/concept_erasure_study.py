@@ -12,13 +12,18 @@ three ways:
 * unseen nouns: k-fold with whole nouns per fold (`probe_after_unseen_groups`).
 * control: the plain probe on a control task (Hewitt & Liang, 2019), a random label per
   noun with the real balance: how much the plain probe gets from memorising nouns alone.
+* unseen nouns and frames: two folds in which neither a test sentence's noun nor its
+  sentence frame occurs in training (class-specific frames can be memorised too).
 
-Two splits between fitting and held-out: by sentence (every held-out noun also occurs in
-the fitted half: the editor's default) and by noun (held-out nouns never seen by the
-eraser). Then, split by noun, how the unseen-noun probe falls as the eraser is fitted on
-more nouns per class (18 held-out nouns per class, 3 seeds).
+Three splits between fitting and held-out: by sentence (every held-out noun also occurs in
+the fitted half: the editor's default), by noun (held-out nouns never seen by the eraser),
+and by noun and frame (held-out sentences pair a new noun with a new frame). Then, split
+by noun, how the unseen-noun probe falls as the eraser is fitted on more nouns per class
+(18 held-out nouns per class, 3 seeds); `--more-nouns` adds 170 nouns to the 91 for that.
 
     OMP_NUM_THREADS=2 .venv/bin/python experiments/concept_erasure_study.py
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/concept_erasure_study.py --more-nouns \
+        --layers 29 --curve 4 16 27 48 72 92
 
 States are cached in --cache (safetensors) so the tables can be redone in seconds.
 """
@@ -32,7 +37,13 @@ from pathlib import Path
 
 import torch
 
-from framework.concepts import control_labels, leace, probe_accuracy, stratified_split
+from framework.concepts import (
+    control_labels,
+    leace,
+    probe_accuracy,
+    stratified_split,
+    transfer_accuracy,
+)
 
 # the word lists and frames of the shipped concept file, from its generator
 _spec = importlib.util.spec_from_file_location(
@@ -44,23 +55,223 @@ words = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(words)
 
 
-def every_sentence() -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(texts, labels, noun index): each class's frames (its own and the shared ones) with
-    each of its nouns, deduplicated as the generator does."""
+# More nouns for --more-nouns (not in the shipped file): does the erasure reach unseen nouns
+# once it is fitted on many more of them?
+MORE_ANIMALS = [
+    "ant",
+    "antelope",
+    "armadillo",
+    "baboon",
+    "bison",
+    "boar",
+    "buffalo",
+    "bull",
+    "butterfly",
+    "canary",
+    "caribou",
+    "cheetah",
+    "chicken",
+    "chimpanzee",
+    "chipmunk",
+    "cobra",
+    "cockroach",
+    "coyote",
+    "crab",
+    "crocodile",
+    "cuckoo",
+    "dove",
+    "dragonfly",
+    "eel",
+    "elk",
+    "emu",
+    "falcon",
+    "ferret",
+    "finch",
+    "flamingo",
+    "gazelle",
+    "gecko",
+    "gerbil",
+    "gibbon",
+    "gopher",
+    "gorilla",
+    "grasshopper",
+    "gull",
+    "hamster",
+    "hare",
+    "heron",
+    "hippo",
+    "hornet",
+    "hummingbird",
+    "hyena",
+    "iguana",
+    "jackal",
+    "jaguar",
+    "jellyfish",
+    "kangaroo",
+    "kingfisher",
+    "koala",
+    "ladybird",
+    "lamb",
+    "lark",
+    "leopard",
+    "llama",
+    "lobster",
+    "lynx",
+    "magpie",
+    "mole",
+    "mongoose",
+    "moth",
+    "mule",
+    "newt",
+    "octopus",
+    "ostrich",
+    "panda",
+    "panther",
+    "parrot",
+    "peacock",
+    "pelican",
+    "penguin",
+    "pheasant",
+    "pigeon",
+    "platypus",
+    "porcupine",
+    "possum",
+    "puffin",
+    "quail",
+    "raccoon",
+    "raven",
+    "reindeer",
+    "rhino",
+    "robin",
+    "salamander",
+    "scorpion",
+    "seagull",
+    "shark",
+    "shrew",
+    "skunk",
+    "sloth",
+    "snail",
+    "spider",
+    "starling",
+    "stork",
+    "swallow",
+    "tortoise",
+    "vulture",
+    "walrus",
+    "wasp",
+    "weasel",
+    "woodpecker",
+    "worm",
+    "yak",
+]
+MORE_TOOLS = [
+    *[
+        "adze",
+        "auger",
+        "bradawl",
+        "caliper",
+        "chainsaw",
+        "drawknife",
+        "edger",
+        "gimlet",
+        "gouge",
+        "loppers",
+        "machete",
+    ],
+    *[
+        "mattock",
+        "micrometer",
+        "multimeter",
+        "rasp",
+        "scraper",
+        "sickle",
+        "snips",
+        "spokeshave",
+        "whetstone",
+    ],
+    *["bolt cutter", "bow saw", "brace and bit", "caulking gun", "chalk line", "circular saw"],
+    *["claw hammer", "club hammer", "combination square", "coping saw", "countersink bit"],
+    *["crimping tool", "dowel jig", "drill press", "feeler gauge", "fret saw", "glue gun"],
+    *["grease gun", "hand drill", "heat gun", "hedge trimmer", "hex key", "impact driver"],
+    *["mitre saw", "nail set", "needle-nose pliers", "nut driver", "oscillating tool"],
+    *["pipe cutter", "pipe wrench", "plumb bob", "pruning shears", "rivet gun", "rotary tool"],
+    *["sanding block", "stud finder", "tenon saw", "tile cutter", "tin snips", "try square"],
+    *["voltage tester", "wire stripper", "box cutter", "bench grinder", "belt sander"],
+]
+
+
+def every_sentence(
+    more: bool = False,
+) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(texts, labels, noun index, frame index, each frame's kind): each class's frames (its
+    own and the shared ones) with each of its nouns, deduplicated as the generator does;
+    ``more``: MORE_* nouns too. A frame's kind is animal, tool or shared."""
     texts: list[str] = []
     labels: list[int] = []
     nouns: list[str] = []
-    for label, names, frames in (
-        (0, words.ANIMALS, words.ANIMAL_FRAMES),
-        (1, words.TOOLS, words.TOOL_FRAMES),
-    ):
-        noun_of = {words.fill(f, n): n for f in frames + words.SHARED_FRAMES for n in names}
-        for text in sorted(noun_of):
+    frames: list[str] = []
+    animals = words.ANIMALS + (MORE_ANIMALS if more else [])
+    tools = words.TOOLS + (MORE_TOOLS if more else [])
+    for label, names, own in ((0, animals, words.ANIMAL_FRAMES), (1, tools, words.TOOL_FRAMES)):
+        made = {words.fill(f, n): (n, f) for f in own + words.SHARED_FRAMES for n in names}
+        for text in sorted(made):
             texts.append(text)
             labels.append(label)
-            nouns.append(noun_of[text])
-    index = {n: i for i, n in enumerate(sorted(set(nouns)))}
-    return texts, torch.tensor(labels), torch.tensor([index[n] for n in nouns])
+            nouns.append(made[text][0])
+            frames.append(made[text][1])
+    noun_index = {n: i for i, n in enumerate(sorted(set(nouns)))}
+    frame_list = sorted(set(frames))
+    frame_index = {f: i for i, f in enumerate(frame_list)}
+    kinds = [
+        "animal" if f in words.ANIMAL_FRAMES else "tool" if f in words.TOOL_FRAMES else "shared"
+        for f in frame_list
+    ]
+    return (
+        texts,
+        torch.tensor(labels),
+        torch.tensor([noun_index[n] for n in nouns]),
+        torch.tensor([frame_index[f] for f in frames]),
+        kinds,
+    )
+
+
+def split_nouns_and_frames(
+    y: torch.Tensor, nouns: torch.Tensor, frames: torch.Tensor, kinds: list[str], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fitted, held out): half of every class's nouns and half of every kind of frame fit
+    the eraser; held out are the sentences whose noun and frame are both in the other half
+    (the mixed quarters are not used)."""
+    gen = torch.Generator().manual_seed(seed)
+    fit_nouns, _ = stratified_split(y, 0.5, seed, nouns)
+    noun_fitted = torch.zeros(int(nouns.max()) + 1, dtype=torch.bool)
+    noun_fitted[nouns[fit_nouns].unique()] = True
+    frame_fitted = torch.zeros(len(kinds), dtype=torch.bool)
+    for kind in ("animal", "tool", "shared"):
+        ids = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
+        ids = ids[torch.randperm(len(ids), generator=gen)]
+        frame_fitted[ids[: len(ids) // 2]] = True
+    fit = (noun_fitted[nouns] & frame_fitted[frames]).nonzero().flatten()
+    held = (~noun_fitted[nouns] & ~frame_fitted[frames]).nonzero().flatten()
+    return fit, held
+
+
+def unseen_both(
+    x: torch.Tensor, y: torch.Tensor, nouns: torch.Tensor, frames: torch.Tensor, l2: float
+) -> float:
+    """Two-fold probe in which every test sentence's noun *and* frame are absent from the
+    training fold (nouns and frames each dealt to two folds at random; a sentence is tested
+    in the fold both of its own fall in, trained on where neither does)."""
+    gen = torch.Generator().manual_seed(0)
+    noun_fold = torch.randint(2, (int(nouns.max()) + 1,), generator=gen)[nouns]
+    frame_fold = torch.randint(2, (int(frames.max()) + 1,), generator=gen)[frames]
+    correct = total = 0
+    for k in (0, 1):
+        test = (noun_fold == k) & (frame_fold == k)
+        train = (noun_fold != k) & (frame_fold != k)
+        acc, _ = transfer_accuracy(x[train], y[train], x[test], y[test], l2)
+        correct += acc * int(test.sum())
+        total += int(test.sum())
+    return correct / total
 
 
 def states(layers: list[int], texts: list[str], cache: Path) -> dict[str, torch.Tensor]:
@@ -99,18 +310,25 @@ def erase(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, fit: torch.Tens
     return torch.eye(x.shape[1], dtype=torch.float64) - proj
 
 
-def three_probes(
-    x: torch.Tensor, y: torch.Tensor, nouns: torch.Tensor, folds: int, l2: float
+def probes(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    nouns: torch.Tensor,
+    frames: torch.Tensor,
+    folds: int,
+    l2: float,
 ) -> dict[str, float]:
     return {
         "plain": probe_accuracy(x, y, folds, l2)[0],
         "unseen_nouns": probe_accuracy(x, y, folds, l2, 0, nouns)[0],
         "control": probe_accuracy(x, control_labels(y, nouns), folds, l2)[0],
+        "unseen_nouns_and_frames": unseen_both(x, y, nouns, frames, l2),
     }
 
 
 def _cells(row: dict[str, float]) -> str:
-    return " / ".join(f"{row[k]:.3f}" for k in ("plain", "unseen_nouns", "control"))
+    keys = ("plain", "unseen_nouns", "control", "unseen_nouns_and_frames")
+    return " / ".join(f"{row[k]:.3f}" for k in keys)
 
 
 def main() -> None:
@@ -119,29 +337,38 @@ def main() -> None:
     parser.add_argument("--curve-layers", type=int, nargs="+", default=[16, 29])
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--l2", type=float, default=1e-2)
+    parser.add_argument("--more-nouns", action="store_true", help="add MORE_ANIMALS/TOOLS")
+    parser.add_argument(
+        "--curve", type=int, nargs="+", default=[2, 4, 8, 16, 27], help="nouns per class fitted"
+    )
     parser.add_argument("--cache", default="outputs/concept_erasure_study/states.safetensors")
     parser.add_argument("--out", default="outputs/concept_erasure_study/results.json")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    texts, y, nouns = every_sentence()
+    texts, y, nouns, frames, kinds = every_sentence(args.more_nouns)
+    if args.more_nouns:
+        args.cache = args.cache.replace(".safetensors", "_more.safetensors")
+        args.out = args.out.replace(".json", "_more.json")
     layers = sorted(set(args.layers) | set(args.curve_layers))
     cached = states(layers, texts, Path(args.cache))
     print(f"{len(texts)} sentences, {len(nouns.unique())} nouns, layers {layers}")
 
     results: dict[str, list[dict]] = {"splits": [], "noun_curve": []}
-    print(
-        "\n| block | split | held-out | before: plain / unseen nouns / control "
-        "| after: plain / unseen nouns / control |"
-    )
+    readings = "plain / unseen nouns / control / unseen nouns and frames"
+    print(f"\n| block | held out | held-out | before: {readings} | after: {readings} |")
     print("|---|---|---|---|---|")
     for layer in args.layers:
         x, sigma = cached[f"x{layer}"].double(), cached[f"s{layer}"].double()
-        for split in ("sentences", "nouns"):
-            fit, held = stratified_split(y, 0.5, 0, nouns if split == "nouns" else None)
+        for split in ("sentences", "nouns", "nouns and frames"):
+            if split == "nouns and frames":
+                fit, held = split_nouns_and_frames(y, nouns, frames, kinds)
+            else:
+                fit, held = stratified_split(y, 0.5, 0, nouns if split == "nouns" else None)
             e = erase(x, sigma, y, fit)
-            before = three_probes(x[held], y[held], nouns[held], args.folds, args.l2)
-            after = three_probes(x[held] @ e.T, y[held], nouns[held], args.folds, args.l2)
+            where = (y[held], nouns[held], frames[held], args.folds, args.l2)
+            before = probes(x[held], *where)
+            after = probes(x[held] @ e.T, *where)
             results["splits"].append(
                 {
                     "layer": layer,
@@ -156,10 +383,8 @@ def main() -> None:
                 flush=True,
             )
 
-    print(
-        "\n| block | seed | unseen-noun probe after erasure, by nouns per class fitted: 2 / 4 / "
-        "8 / 16 / 27 |"
-    )
+    curve = " / ".join(map(str, args.curve))
+    print(f"\n| block | seed | unseen-noun probe after erasure, nouns per class fitted: {curve} |")
     print("|---|---|---|")
     for layer in args.curve_layers:
         x, sigma = cached[f"x{layer}"].double(), cached[f"s{layer}"].double()
@@ -171,7 +396,7 @@ def main() -> None:
                 order[c] = names[torch.randperm(len(names), generator=gen)]
             held = torch.isin(nouns, torch.cat([order[c][:18] for c in (0, 1)])).nonzero().flatten()
             row = []
-            for k in (2, 4, 8, 16, 27):
+            for k in args.curve:
                 fitted = torch.cat([order[c][18 : 18 + k] for c in (0, 1)])
                 fit = torch.isin(nouns, fitted).nonzero().flatten()
                 xe = x[held] @ erase(x, sigma, y, fit).T

@@ -9,7 +9,10 @@ student) on the protocol's calibration windows in the runner's seeded order
 perplexities compare directly; `--steps 0` scores the starting point. The optimiser steps
 as the distill editor's (AdamW, linear warm-up, gradient norm clipped at `--clip`, as
 trainer.gradient_clip_val; 0: no clipping), plus one knob the editor does not have: a
-separate learning rate for the embedding and LM head (`--edge-lr`, 0 freezes them).
+separate learning rate for the embedding and LM head (`--edge-lr`, 0 freezes them), and
+`--optimizer muon`: the blocks' weight matrices step with torch.optim.Muon (Jordan et al.,
+2024; its update scaled to AdamW's RMS as in Liu et al., 2025, "Muon is scalable for LLM
+training", at `--muon-lr`), everything else with AdamW as before.
 
     .venv/bin/python experiments/distill_screen.py STUDENT_DIR --steps 12 --lr 5e-5
     (appends one JSON line per run to --out, default outputs/distill_screen.jsonl)
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
+    parser.add_argument("--muon-lr", type=float, default=None, help="default: --lr")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--name", default="")
     parser.add_argument("--out", default="outputs/distill_screen.jsonl")
@@ -73,9 +78,22 @@ def main() -> None:
     else:
         for p in edge:
             p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0, foreach=False)
+    optimizers: list[torch.optim.Optimizer] = []
+    if args.optimizer == "muon":
+        matrices = [p for p in body if p.ndim == 2]
+        matrix_ids = {id(p) for p in matrices}
+        groups[0]["params"] = [p for p in body if id(p) not in matrix_ids]
+        muon_lr = args.lr if args.muon_lr is None else args.muon_lr
+        muon = torch.optim.Muon(
+            matrices, lr=muon_lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"
+        )
+        optimizers.append(muon)
+    optimizers.append(torch.optim.AdamW(groups, weight_decay=0.0, foreach=False))
     warmup = max(args.warmup, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    schedules = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warmup))
+        for o in optimizers
+    ]
     batches = StepBatches(calibration, max(args.steps, 1), args.batch_size, 0, 0, 1)
 
     losses: list[float] = []
@@ -85,9 +103,10 @@ def main() -> None:
         loss.backward()
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer, schedule in zip(optimizers, schedules, strict=True):
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
         losses.append(round(float(loss), 4))
         print(
             f"step {step + 1}: loss {losses[-1]} ({time.perf_counter() - start:.0f} s)", flush=True
@@ -103,6 +122,8 @@ def main() -> None:
         "warmup": args.warmup,
         "temperature": args.temperature,
         "clip": args.clip,
+        "optimizer": args.optimizer,
+        "muon_lr": args.muon_lr,
         "train_seconds": round(seconds, 1),
         "eval_windows": args.eval_windows,
         **{
