@@ -5,7 +5,7 @@ each noun of its class, 2,366 sentences about 91 nouns), takes SmolLM2-135M's se
 states after the chosen blocks (framework.concepts.sentence_states, as editor=leace does),
 fits LEACE on part of them (whitened with the token second moment of 8 Shakespeare
 calibration windows, as the editor's `whiten_on: text`) and probes the erased held-out part
-three ways:
+four ways:
 
 * plain: k-fold probe over held-out sentences (what `probe_after` reports). Sentences about
   the same noun land in both training and test folds, so the probe can memorise nouns.
@@ -344,7 +344,6 @@ def main() -> None:
     parser.add_argument("--cache", default="outputs/concept_erasure_study/states.safetensors")
     parser.add_argument("--out", default="outputs/concept_erasure_study/results.json")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     texts, y, nouns, frames, kinds = every_sentence(args.more_nouns)
     if args.more_nouns:
@@ -356,7 +355,7 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {"splits": [], "noun_curve": []}
     readings = "plain / unseen nouns / control / unseen nouns and frames"
-    print(f"\n| block | held out | held-out | before: {readings} | after: {readings} |")
+    print(f"\n| block | held out | sentences | before: {readings} | after: {readings} |")
     print("|---|---|---|---|---|")
     for layer in args.layers:
         x, sigma = cached[f"x{layer}"].double(), cached[f"s{layer}"].double()
@@ -409,7 +408,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out)
     print(f"\nwrote {out}")
 
 

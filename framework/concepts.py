@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from framework.errors import SculptError
+from framework.errors import ConfigError, SculptError
 from framework.interventions import capture
 from framework.models.arch import blocks
 
@@ -82,6 +82,22 @@ def load_labelled(path: str | Path, key: str = "data") -> Labelled:
     return Labelled(texts=texts, labels=labels, classes=classes, groups=groups)
 
 
+def groups_to_split_by(labelled: Labelled, split_by: str, data: str) -> torch.Tensor | None:
+    """The groups a ``split_by`` setting splits by: None for ``examples``, the file's groups
+    for ``groups`` (a file without them is refused, naming it)."""
+    if split_by != "groups":
+        return None
+    if labelled.groups is None:
+        raise ConfigError("split_by", f'groups: {data} names no "group" per line')
+    return labelled.groups
+
+
+def _first_of_each(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct groups, sorted; the index of each one's first example)."""
+    names = groups.unique()
+    return names, torch.stack([(groups == g).nonzero()[0, 0] for g in names])
+
+
 def stratified_split(
     labels: torch.Tensor, fraction: float, seed: int, groups: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +108,8 @@ def stratified_split(
     if groups is None:
         units, unit_class = torch.arange(len(labels)), labels
     else:
-        units = groups.unique()
-        unit_class = labels[torch.stack([(groups == g).nonzero()[0, 0] for g in units])]
+        units, first = _first_of_each(groups)
+        unit_class = labels[first]
     first, rest = [], []
     for c in unit_class.unique():
         idx = units[unit_class == c]
@@ -251,8 +267,7 @@ def control_labels(y: torch.Tensor, groups: torch.Tensor, seed: int = 0) -> torc
     groups, with no relation to the concept. A probe that scores well on it is memorising
     groups; the real task's accuracy minus the control's is the probe's selectivity."""
     gen = torch.Generator().manual_seed(seed)
-    names = groups.unique()
-    first = torch.stack([(groups == g).nonzero()[0, 0] for g in names])
+    names, first = _first_of_each(groups)
     shuffled = y[first][torch.randperm(len(names), generator=gen)]
     label_of = torch.empty(int(names.max()) + 1, dtype=y.dtype)
     label_of[names] = shuffled

@@ -14,11 +14,14 @@ accuracy less the control's: a probe that memorises groups scores well on both.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
 from framework.concepts import (
     control_labels,
+    groups_to_split_by,
     load_labelled,
     probe_accuracy,
     sentence_states,
@@ -52,7 +55,7 @@ class Probes(Analyzer):
         l2: float = 1e-2,
         skip_fraction: float = 0.0,
         split_seed: int = 0,
-        split_by: str = "examples",
+        split_by: Literal["examples", "groups"] = "examples",
     ):
         if folds < 2:
             raise ConfigError("folds", f"{folds} must be >= 2")
@@ -82,9 +85,7 @@ class Probes(Analyzer):
         layers = sorted({i % n_layers for i in layers})
         idx = torch.arange(len(labelled.texts))
         if self.skip_fraction > 0:
-            if self.split_by == "groups" and labelled.groups is None:
-                raise ConfigError("split_by", f'groups: {self.data} names no "group" per line')
-            by_group = labelled.groups if self.split_by == "groups" else None
+            by_group = groups_to_split_by(labelled, self.split_by, self.data)
             _, idx = stratified_split(
                 labelled.labels, self.skip_fraction, self.split_seed, by_group
             )
@@ -103,7 +104,7 @@ class Probes(Analyzer):
                 "majority_baseline": round(base, 4),
                 "over_baseline": round(acc - base, 4),
             }
-            if groups is not None and control is not None:
+            if control is not None:
                 unseen, _ = probe_accuracy(x, y, self.folds, self.l2, ctx.seed, groups)
                 ctrl, _ = probe_accuracy(x, control, self.folds, self.l2, ctx.seed)
                 row |= {

@@ -39,12 +39,15 @@ after the stage (``eval.max_kl``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from framework.concepts import (
     control_labels,
+    groups_to_split_by,
     leace,
     load_labelled,
     probe_accuracy,
@@ -143,7 +146,7 @@ class Leace(Editor):
         whiten_windows: int = 8,
         fit_fraction: float = 0.5,
         split_seed: int = 0,
-        split_by: str = "examples",
+        split_by: Literal["examples", "groups"] = "examples",
         shrinkage: float = 0.0,
         iterations: int = 4,
         tolerance: float = 1e-3,
@@ -235,13 +238,11 @@ class Leace(Editor):
         if not -n_layers <= self.layer < n_layers:
             raise ConfigError("layer", f"{self.layer} does not exist (model has {n_layers} blocks)")
         layer = self.layer % n_layers
-        if self.split_by == "groups" and labelled.groups is None:
-            raise ConfigError("split_by", f'groups: {self.data} names no "group" per line')
         fit_idx, held_idx = stratified_split(
             labelled.labels,
             self.fit_fraction,
             self.split_seed,
-            labelled.groups if self.split_by == "groups" else None,
+            groups_to_split_by(labelled, self.split_by, self.data),
         )
         fit_texts = [labelled.texts[i] for i in fit_idx.tolist()]
         held_texts = [labelled.texts[i] for i in held_idx.tolist()]
@@ -307,8 +308,8 @@ class Leace(Editor):
         acc_fit, base_fit = probe_accuracy(fit_after, y_fit, self.folds, self.l2, ctx.seed)
         grouped = {}
         if g_held is not None:
-            states = {"before": (held_before, acc_before), "after": (held_after, acc_after)}
-            grouped = self._group_checks(states, y_held, g_held, ctx.seed)
+            held = {"before": (held_before, acc_before), "after": (held_after, acc_after)}
+            grouped = self._group_checks(held, y_held, g_held, ctx.seed)
         # LEACE's own guarantee: a probe learned from the erased fitted half, scored on the
         # held-out half (before: the same probe on the unedited states).
         transfer_before, transfer_base = transfer_accuracy(
