@@ -200,20 +200,38 @@ MORE_TOOLS = [
 ]
 
 
+# More frames that only the noun decides, for --shared-frames (not in the shipped file): with
+# these and the generator's shared frames alone, no frame tells the class.
+MORE_SHARED_FRAMES = [
+    "The next page shows a {x} in great detail.",
+    "Grandma once told me a story about a {x}.",
+    "The museum had a painting of a {x}.",
+    "On the radio they mentioned a {x}.",
+    "The label on the box said {x}.",
+    "My friend asked me what a {x} looks like.",
+    "The teacher wrote {x} on the board.",
+    "In my dream last night there was a {x}.",
+]
+
+
 def every_sentence(
-    more: bool = False,
+    more: bool = False, shared_only: bool = False
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """(texts, labels, noun index, frame index, each frame's kind): each class's frames (its
     own and the shared ones) with each of its nouns, deduplicated as the generator does;
-    ``more``: MORE_* nouns too. A frame's kind is animal, tool or shared."""
+    ``more``: MORE_* nouns too; ``shared_only``: only frames that fit either class (the
+    generator's shared ones and MORE_SHARED_FRAMES), every noun in every one of them. A
+    frame's kind is animal, tool or shared."""
     texts: list[str] = []
     labels: list[int] = []
     nouns: list[str] = []
     frames: list[str] = []
     animals = words.ANIMALS + (MORE_ANIMALS if more else [])
     tools = words.TOOLS + (MORE_TOOLS if more else [])
+    shared = words.SHARED_FRAMES + (MORE_SHARED_FRAMES if shared_only else [])
     for label, names, own in ((0, animals, words.ANIMAL_FRAMES), (1, tools, words.TOOL_FRAMES)):
-        made = {words.fill(f, n): (n, f) for f in own + words.SHARED_FRAMES for n in names}
+        own = [] if shared_only else own
+        made = {words.fill(f, n): (n, f) for f in own + shared for n in names}
         for text in sorted(made):
             texts.append(text)
             labels.append(label)
@@ -310,6 +328,79 @@ def erase(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, fit: torch.Tens
     return torch.eye(x.shape[1], dtype=torch.float64) - proj
 
 
+def left_of_held_direction(
+    x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor
+) -> float:
+    """How much of the held-out sentences' class-mean difference a fitted eraser leaves, as a
+    fraction of it, in the whitened coordinates where LEACE is an orthogonal projection: the
+    sine of the angle between the fitted and the held-out class directions (0: the eraser
+    removes all of the held-out difference; 1: none of it)."""
+    values, vectors = torch.linalg.eigh(sigma)
+    keep = values > values.max() * 1e-12
+    whiten = vectors[:, keep] @ torch.diag(values[keep].rsqrt()) @ vectors[:, keep].T
+
+    def direction(rows: torch.Tensor) -> torch.Tensor:
+        d = whiten @ (x[rows][y[rows] == 0].mean(0) - x[rows][y[rows] == 1].mean(0))
+        return d / d.norm()
+
+    cos = float(direction(fit) @ direction(held))
+    return (1 - min(cos * cos, 1.0)) ** 0.5
+
+
+def subsets_eraser(
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    y: torch.Tensor,
+    nouns: torch.Tensor,
+    fit: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """A rank-k eraser: the fitted nouns of each class dealt into k subsets, each subset's
+    class-mean difference erased (does a wider erasure catch what the one direction misses?)."""
+    xf, yf, nf = x[fit], y[fit], nouns[fit]
+    gen = torch.Generator().manual_seed(0)
+    order = {c: nf[yf == c].unique() for c in (0, 1)}
+    order = {c: v[torch.randperm(len(v), generator=gen)] for c, v in order.items()}
+    columns = []
+    for j in range(k):
+        a, b = torch.isin(nf, order[0][j::k]), torch.isin(nf, order[1][j::k])
+        columns.append(xf[a].mean(0) - xf[b].mean(0))
+    values, vectors = torch.linalg.eigh(sigma)
+    keep = values > values.max() * 1e-12
+    v, s = vectors[:, keep], values[keep]
+    basis, _ = torch.linalg.qr(v @ torch.diag(s.rsqrt()) @ v.T @ torch.stack(columns, 1))
+    unwhiten = v @ torch.diag(s.sqrt()) @ v.T
+    proj = unwhiten @ basis @ basis.T @ v @ torch.diag(s.rsqrt()) @ v.T
+    return torch.eye(x.shape[1], dtype=torch.float64) - proj
+
+
+def diagnose(
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    y: torch.Tensor,
+    nouns: torch.Tensor,
+    folds: int,
+    l2: float,
+) -> dict[str, float]:
+    """Split by noun: how much of the held-out class direction the fitted eraser leaves, and
+    the unseen-noun probe after four erasers: LEACE as the editor fits it; whitened on the
+    concept sentences (shrinkage 0.1) instead of on text; rank 8 (subsets_eraser); and an
+    oracle fitted on the held-out sentences themselves, which no real eraser could be."""
+    fit, held = stratified_split(y, 0.5, 0, nouns)
+    concept_whitened, _ = leace(x[fit], y[fit], 2, 0.1)
+    erasers = {
+        "leace": erase(x, sigma, y, fit),
+        "whitened_on_concept": torch.eye(x.shape[1], dtype=torch.float64) - concept_whitened,
+        "rank_8": subsets_eraser(x, sigma, y, nouns, fit, 8),
+        "oracle": erase(x, sigma, y, held),
+    }
+    row = {"left_of_held_direction": left_of_held_direction(x, sigma, y, fit, held)}
+    for name, e in erasers.items():
+        row[name] = probe_accuracy(x[held] @ e.T, y[held], folds, l2, 0, nouns[held])[0]
+    row["majority"] = float(torch.bincount(y[held]).max()) / len(held)
+    return row
+
+
 def probes(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -339,21 +430,26 @@ def main() -> None:
     parser.add_argument("--l2", type=float, default=1e-2)
     parser.add_argument("--more-nouns", action="store_true", help="add MORE_ANIMALS/TOOLS")
     parser.add_argument(
+        "--shared-frames",
+        action="store_true",
+        help="only frames that fit either class (with MORE_SHARED_FRAMES): the noun alone says",
+    )
+    parser.add_argument(
         "--curve", type=int, nargs="+", default=[2, 4, 8, 16, 27], help="nouns per class fitted"
     )
     parser.add_argument("--cache", default="outputs/concept_erasure_study/states.safetensors")
     parser.add_argument("--out", default="outputs/concept_erasure_study/results.json")
     args = parser.parse_args()
 
-    texts, y, nouns, frames, kinds = every_sentence(args.more_nouns)
-    if args.more_nouns:
-        args.cache = args.cache.replace(".safetensors", "_more.safetensors")
-        args.out = args.out.replace(".json", "_more.json")
+    texts, y, nouns, frames, kinds = every_sentence(args.more_nouns, args.shared_frames)
+    suffix = "_more" * args.more_nouns + "_shared" * args.shared_frames
+    args.cache = args.cache.replace(".safetensors", f"{suffix}.safetensors")
+    args.out = args.out.replace(".json", f"{suffix}.json")
     layers = sorted(set(args.layers) | set(args.curve_layers))
     cached = states(layers, texts, Path(args.cache))
     print(f"{len(texts)} sentences, {len(nouns.unique())} nouns, layers {layers}")
 
-    results: dict[str, list[dict]] = {"splits": [], "noun_curve": []}
+    results: dict[str, list[dict]] = {"splits": [], "noun_curve": [], "diagnosis": []}
     readings = "plain / unseen nouns / control / unseen nouns and frames"
     print(f"\n| block | held out | sentences | before: {readings} | after: {readings} |")
     print("|---|---|---|---|---|")
@@ -382,8 +478,27 @@ def main() -> None:
                 flush=True,
             )
 
+    names = ("leace", "whitened_on_concept", "rank_8", "oracle")
+    print(
+        "\n| block | held-out class direction left by the eraser | unseen-noun probe after: "
+        + " / ".join(names)
+        + " | majority |\n|---|---|---|---|"
+    )
+    for layer in args.layers:
+        x, sigma = cached[f"x{layer}"].double(), cached[f"s{layer}"].double()
+        row = diagnose(x, sigma, y, nouns, args.folds, args.l2)
+        results["diagnosis"].append({"layer": layer, **row})
+        cells = " / ".join(f"{row[k]:.3f}" for k in names)
+        print(
+            f"| {layer} | {row['left_of_held_direction']:.3f} | {cells} | {row['majority']:.3f} |",
+            flush=True,
+        )
+
     curve = " / ".join(map(str, args.curve))
-    print(f"\n| block | seed | unseen-noun probe after erasure, nouns per class fitted: {curve} |")
+    print(
+        f"\n| block | seed | unseen-noun probe after erasure (held-out class direction left), "
+        f"nouns per class fitted: {curve} |"
+    )
     print("|---|---|---|")
     for layer in args.curve_layers:
         x, sigma = cached[f"x{layer}"].double(), cached[f"s{layer}"].double()
@@ -400,11 +515,18 @@ def main() -> None:
                 fit = torch.isin(nouns, fitted).nonzero().flatten()
                 xe = x[held] @ erase(x, sigma, y, fit).T
                 acc = probe_accuracy(xe, y[held], args.folds, args.l2, 0, nouns[held])[0]
-                row.append(acc)
+                left = left_of_held_direction(x, sigma, y, fit, held)
+                row.append(f"{acc:.3f} ({left:.2f})")
                 results["noun_curve"].append(
-                    {"layer": layer, "seed": seed, "nouns_per_class": k, "unseen_nouns": acc}
+                    {
+                        "layer": layer,
+                        "seed": seed,
+                        "nouns_per_class": k,
+                        "unseen_nouns": acc,
+                        "left_of_held_direction": left,
+                    }
                 )
-            print(f"| {layer} | {seed} | " + " / ".join(f"{a:.3f}" for a in row) + " |", flush=True)
+            print(f"| {layer} | {seed} | " + " / ".join(row) + " |", flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
