@@ -265,7 +265,7 @@ def split_nouns_and_frames(
     noun_fitted[nouns[fit_nouns].unique()] = True
     frame_fitted = torch.zeros(len(kinds), dtype=torch.bool)
     for kind in ("animal", "tool", "shared"):
-        ids = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
+        ids = torch.tensor([i for i, k in enumerate(kinds) if k == kind], dtype=torch.long)
         ids = ids[torch.randperm(len(ids), generator=gen)]
         frame_fitted[ids[: len(ids) // 2]] = True
     fit = (noun_fitted[nouns] & frame_fitted[frames]).nonzero().flatten()

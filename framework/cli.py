@@ -121,6 +121,10 @@ def main() -> None:
         from framework.compare import main as compare
 
         sys.exit(compare(argv[1:]))
+    if argv[:1] == ["describe"]:  # what a plugin accepts, read from its signature
+        from framework.describe import main as describe
+
+        sys.exit(describe(argv[1:]))
     _quiet_libraries()
     if not _INFO_FLAGS.intersection(argv):
         try:

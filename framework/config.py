@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from framework.errors import ConfigError, SculptError
+from framework.schema import constraint_problem, strip_annotated, type_hints
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -48,7 +49,7 @@ def check_node(node: DictConfig, key: str) -> None:
             accepted = ", ".join(n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL)
             raise SculptError(f"{key}.{name}: not an argument of {target} (accepted: {accepted})")
     partial = bool(node.get("_partial_", False))
-    hints = _hints(obj)
+    hints = type_hints(obj)
     for name, param in params.items():
         if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
             continue
@@ -78,17 +79,13 @@ def check_node(node: DictConfig, key: str) -> None:
         plain = (
             OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
         )
-        if not _matches(plain, hints[name]):
+        hint = strip_annotated(hints[name])
+        if not _matches(plain, hint):
             raise SculptError(
-                f"{key}.{name}: {plain!r} is not a valid {_type_name(hints[name])} for {target}"
+                f"{key}.{name}: {plain!r} is not a valid {_type_name(hint)} for {target}"
             )
-
-
-def _hints(obj: Any) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
-    except Exception:
-        return {}
+        if why := constraint_problem(plain, hints[name]):
+            raise SculptError(f"{key}.{name}: {why}")
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -115,6 +112,8 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "choice (one of " + ", ".join(map(str, typing.get_args(hint))) + ")"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

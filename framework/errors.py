@@ -5,7 +5,7 @@ class SculptError(Exception):
     """Bad input or an unmet requirement. The CLI prints `sculpt: error: <message>` and exits 2.
 
     Messages start with the config key or file they are about, e.g.
-    ``compressor.bits: 9 is out of range [2, 8]``.
+    ``compressor.bits: 9 must be in [2, 8]``.
     """
 
     def __init__(self, message: str):
@@ -20,7 +20,7 @@ def one_line(exc: BaseException) -> str:
 
 class ConfigError(SculptError):
     """Raised by a plugin's constructor for a bad argument; the runner prefixes the config
-    path of the node, so the user reads e.g. ``compressor.bits: 9 is out of range [2, 8]``."""
+    path of the node, so the user reads e.g. ``compressor.bits: 9 must be in [2, 8]``."""
 
     def __init__(self, argument: str, message: str):
         self.argument = argument

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from framework.schema import checked
+
 if TYPE_CHECKING:
     from framework.models.arch import ArchMap
 
@@ -110,6 +112,13 @@ class Stage(ABC):
     needs_gradients: ClassVar[bool] = False
     #: The stage can run on sharded (ZeRO-3 / FSDP) parameters without a full gather.
     sharding_safe: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a constructor's annotated bounds and choices are checked on every call, so a
+        # plugin built from Python is held to the same schema as one built from YAML
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = checked(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def setup(self, model: nn.Module, ctx: Context) -> None:  # noqa: B027 - optional hook
         """Called before the stage's main method."""

@@ -92,7 +92,7 @@ def check_codebook(kind: str, bits: int, group_size: int | None) -> str | None:
     if kind == "e8" and bits not in E8_STAGES:
         return f"bits: {bits} has no E8 codebook (choose one of {sorted(E8_STAGES)})"
     if kind == "uniform" and not 2 <= bits <= 8:
-        return f"bits: {bits} is out of range [2, 8]"
+        return f"bits: {bits} must be in [2, 8]"
     if group_size is not None and (group_size < 1 or group_size % (DIM if kind == "e8" else 1)):
         return f"group_size: {group_size} must be a positive multiple of the vector length"
     return None

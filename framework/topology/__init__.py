@@ -17,6 +17,7 @@ from framework.topology.neural import (
 )
 from framework.topology.persistence import (
     METRICS,
+    Metric,
     betti_curve,
     compare_diagrams,
     count_persistent,
@@ -36,6 +37,7 @@ from framework.topology.store import DiagramSet, load_diagrams, save_diagrams
 __all__ = [
     "METRICS",
     "DiagramSet",
+    "Metric",
     "ResidualTopology",
     "betti_curve",
     "block_outputs",

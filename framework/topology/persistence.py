@@ -13,11 +13,13 @@ import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-METRICS = ("euclidean", "cosine")
+#: the distances a point cloud is measured with (a type for plugin signatures, and its values)
+Metric = Literal["euclidean", "cosine"]
+METRICS: tuple[str, ...] = get_args(Metric)
 
 
 def as_array(x: Any) -> np.ndarray:

@@ -25,8 +25,10 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from annotated_types import Ge, Gt
 from torch import nn
 
 from framework.errors import ConfigError, SculptError
@@ -95,21 +97,15 @@ class CausalTrace(Analyzer):
         subject: str = "Eiffel Tower",
         target: str | None = " Paris",
         corrupted_prompt: str | None = None,
-        noise_scale: float = 3.0,
-        noise_samples: int = 1,
+        noise_scale: Annotated[float, Gt(0)] = 3.0,
+        noise_samples: Annotated[int, Ge(1)] = 1,
         sites: list[str] | None = None,
-        window: int = 10,
+        window: Annotated[int, Ge(1)] = 10,
     ):
         if not prompt:
             raise ConfigError("prompt", "must not be empty")
         if subject not in prompt:
             raise ConfigError("subject", f"'{subject}' does not occur in the prompt '{prompt}'")
-        if noise_scale <= 0:
-            raise ConfigError("noise_scale", f"{noise_scale} must be > 0")
-        if noise_samples < 1:
-            raise ConfigError("noise_samples", f"{noise_samples} must be >= 1")
-        if window < 1:
-            raise ConfigError("window", f"{window} must be >= 1")
         sites = list(TRACE_SITES) if sites is None else list(sites)
         bad = [s for s in sites if s not in TRACE_SITES]
         if bad or not sites:

@@ -11,10 +11,13 @@ would dominate any linear similarity.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Ge
 from torch import nn
 
-from framework.errors import ConfigError, SculptError
+from framework.errors import SculptError
 from framework.interventions import check_supported, num_layers, residual_stream
 from framework.plots import pyplot, save_figure
 from framework.plugins import Analyzer, Context, StageResult
@@ -45,15 +48,11 @@ class CKA(Analyzer):
 
     def __init__(
         self,
-        windows: int | None = 2,
-        max_tokens: int = 1024,
+        windows: Annotated[int, Ge(1)] | None = 2,
+        max_tokens: Annotated[int, Ge(4)] = 1024,
         skip_first: bool = True,
         compare_reference: bool = True,
     ):
-        if windows is not None and windows < 1:
-            raise ConfigError("windows", f"{windows} must be >= 1 (null: all)")
-        if max_tokens < 4:
-            raise ConfigError("max_tokens", f"{max_tokens} must be >= 4")
         self.windows = windows
         self.max_tokens = max_tokens
         self.skip_first = skip_first

@@ -48,9 +48,10 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import torch
+from annotated_types import Ge, Gt
 from torch import nn
 
 from framework.dictionary import Dictionary, collect_activations, encode, load_dictionary
@@ -60,7 +61,8 @@ from framework.io import atomic_write_json, atomic_write_text
 from framework.models.arch import blocks
 from framework.plugins import Analyzer, Context, StageResult
 
-RANK_BY = ("max", "mean", "frequency")
+RankBy = Literal["max", "mean", "frequency"]
+RANK_BY: tuple[str, ...] = get_args(RankBy)
 API_KEYS = {"base_url", "model", "api_key_env", "timeout_s"}
 MARK = ("[[", "]]")
 
@@ -399,42 +401,24 @@ class FeatureLabels(Analyzer):
         self,
         dictionary: str | None = None,
         layer: int = 1,
-        features: int = 8,
+        features: Annotated[int, Ge(1)] = 8,
         feature_ids: list[int] | None = None,
-        rank_by: str = "max",
-        outlier_factor: float | None = 20.0,
-        windows: int = 16,
-        context_before: int = 10,
-        context_after: int = 3,
-        explain_examples: int = 5,
-        score_top_examples: int = 4,
-        score_random_examples: int = 4,
+        rank_by: RankBy = "max",
+        outlier_factor: Annotated[float, Gt(1)] | None = 20.0,
+        windows: Annotated[int, Ge(1)] = 16,
+        context_before: Annotated[int, Ge(0)] = 10,
+        context_after: Annotated[int, Ge(0)] = 3,
+        explain_examples: Annotated[int, Ge(1)] = 5,
+        score_top_examples: Annotated[int, Ge(1)] = 4,
+        score_random_examples: Annotated[int, Ge(0)] = 4,
         explainer: str = "smollm2-135m-instruct",
         api: dict[str, Any] | None = None,
-        max_label_tokens: int = 16,
+        max_label_tokens: Annotated[int, Ge(1)] = 16,
     ):
-        if features < 1:
-            raise ConfigError("features", f"{features} must be >= 1")
         if feature_ids is not None and (
             not feature_ids or any(not isinstance(i, int) or i < 0 for i in feature_ids)
         ):
             raise ConfigError("feature_ids", f"{feature_ids} must be non-negative integers")
-        if rank_by not in RANK_BY:
-            raise ConfigError("rank_by", f"'{rank_by}' is not one of {RANK_BY}")
-        if windows < 1:
-            raise ConfigError("windows", f"{windows} must be >= 1")
-        if outlier_factor is not None and not outlier_factor > 1:
-            raise ConfigError("outlier_factor", f"{outlier_factor} must be > 1 or null")
-        for name, value, low in (
-            ("context_before", context_before, 0),
-            ("context_after", context_after, 0),
-            ("explain_examples", explain_examples, 1),
-            ("score_top_examples", score_top_examples, 1),
-            ("score_random_examples", score_random_examples, 0),
-            ("max_label_tokens", max_label_tokens, 1),
-        ):
-            if value < low:
-                raise ConfigError(name, f"{value} must be >= {low}")
         if not explainer:
             raise ConfigError("explainer", "must name a model ('self', a packaged name, a folder)")
         if api is not None:

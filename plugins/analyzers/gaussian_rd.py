@@ -22,10 +22,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from annotated_types import Ge, Interval
 from torch import nn
 
 from framework.errors import ConfigError
@@ -57,9 +58,9 @@ class GaussianRD(Analyzer):
         rates: list[int] | None = None,
         samples: int = 65536,
         trellis_samples: int = 32768,
-        trellis_state_bits: int = 16,
-        trellis_sequence_length: int = 1024,
-        ecsq_deadzone: float = 0.2,
+        trellis_state_bits: Annotated[int, Interval(ge=2, le=20)] = 16,
+        trellis_sequence_length: Annotated[int, Ge(2)] = 1024,
+        ecsq_deadzone: Annotated[float, Interval(ge=0, lt=0.5)] = 0.2,
         quantizers: list[str] | None = None,
     ):
         self.rates = [1, 2, 3, 4] if rates is None else [int(r) for r in rates]
@@ -67,20 +68,16 @@ class GaussianRD(Analyzer):
             raise ConfigError("rates", f"{self.rates}: each must be a whole number in [1, 8]")
         if samples < 1024 or samples % 1024:
             raise ConfigError("samples", f"{samples} must be a positive multiple of 1024")
-        if trellis_sequence_length < 2:
-            raise ConfigError("trellis_sequence_length", f"{trellis_sequence_length} must be >= 2")
         if not (0 < trellis_samples <= samples and trellis_samples % trellis_sequence_length == 0):
             raise ConfigError(
                 "trellis_samples",
                 f"{trellis_samples} must be <= samples and a multiple of trellis_sequence_length",
             )
-        if not 2 <= trellis_state_bits <= 20 or trellis_state_bits <= max(self.rates):
+        if trellis_state_bits <= max(self.rates):
             raise ConfigError(
                 "trellis_state_bits",
-                f"{trellis_state_bits} must be in [2, 20] and exceed the largest rate",
+                f"{trellis_state_bits} must exceed the largest rate ({max(self.rates)})",
             )
-        if not 0.0 <= ecsq_deadzone < 0.5:
-            raise ConfigError("ecsq_deadzone", f"{ecsq_deadzone} is out of range [0, 0.5)")
         names = list(QUANTIZERS) if quantizers is None else list(quantizers)
         unknown = [q for q in names if q not in QUANTIZERS]
         if unknown or not names:

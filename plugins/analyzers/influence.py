@@ -32,9 +32,10 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import torch
+from annotated_types import Ge
 from torch import nn
 
 from framework.concepts import resolve_path
@@ -45,7 +46,8 @@ from framework.models.arch import blocks
 from framework.plugins import Analyzer, Context, StageResult
 
 ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_out")
-SIMILARITIES = ("cosine", "dot")
+Similarity = Literal["cosine", "dot"]
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 
 
 def load_corpus(path: str | Path, key: str = "corpus") -> list[dict[str, Any]]:
@@ -138,10 +140,10 @@ class Influence(Analyzer):
         corpus: str = "experiments/data/influence_corpus.jsonl",
         layers: list[int] | None = None,
         modules: list[str] | None = None,
-        similarity: str = "cosine",
-        projection: int | None = None,
-        max_tokens: int = 128,
-        top_k: int = 10,
+        similarity: Similarity = "cosine",
+        projection: Annotated[int, Ge(1)] | None = None,
+        max_tokens: Annotated[int, Ge(2)] = 128,
+        top_k: Annotated[int, Ge(1)] = 10,
         relevant_key: str | None = "relevant",
     ):
         if not prompt:
@@ -152,14 +154,6 @@ class Influence(Analyzer):
         bad = [m for m in modules if m not in ROLES]
         if bad or not modules:
             raise ConfigError("modules", f"{bad or modules} not a non-empty subset of {ROLES}")
-        if similarity not in SIMILARITIES:
-            raise ConfigError("similarity", f"'{similarity}' is not one of {SIMILARITIES}")
-        if projection is not None and projection < 1:
-            raise ConfigError("projection", f"{projection} must be >= 1 or null")
-        if max_tokens < 2:
-            raise ConfigError("max_tokens", f"{max_tokens} must be >= 2")
-        if top_k < 1:
-            raise ConfigError("top_k", f"{top_k} must be >= 1")
         if layers is not None and not layers:
             raise ConfigError("layers", "must list at least one block, or be null (all)")
         self.prompt = prompt

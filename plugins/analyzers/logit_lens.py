@@ -10,10 +10,13 @@ KL 0), which the table shows as a check.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Ge
 from torch import nn
 
-from framework.errors import ConfigError, SculptError
+from framework.errors import SculptError
 from framework.interventions import check_supported, lens_logits, num_layers, residual_stream
 from framework.plots import pyplot, save_figure
 from framework.plugins import Analyzer, Context, StageResult
@@ -27,9 +30,7 @@ class LogitLens(Analyzer):
             null: all of them.
     """
 
-    def __init__(self, windows: int | None = 2):
-        if windows is not None and windows < 1:
-            raise ConfigError("windows", f"{windows} must be >= 1 (null: all)")
+    def __init__(self, windows: Annotated[int, Ge(1)] | None = 2):
         self.windows = windows
 
     @torch.no_grad()

@@ -14,9 +14,10 @@ accuracy less the control's: a probe that memorises groups scores well on both.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge, Interval
 from torch import nn
 
 from framework.concepts import (
@@ -51,20 +52,12 @@ class Probes(Analyzer):
         self,
         data: str = "experiments/data/concept_animals_tools.jsonl",
         layers: list[int] | None = None,
-        folds: int = 5,
-        l2: float = 1e-2,
-        skip_fraction: float = 0.0,
+        folds: Annotated[int, Ge(2)] = 5,
+        l2: Annotated[float, Ge(0)] = 1e-2,
+        skip_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.0,
         split_seed: int = 0,
         split_by: Literal["examples", "groups"] = "examples",
     ):
-        if folds < 2:
-            raise ConfigError("folds", f"{folds} must be >= 2")
-        if l2 < 0:
-            raise ConfigError("l2", f"{l2} must be >= 0")
-        if not 0 <= skip_fraction < 1:
-            raise ConfigError("skip_fraction", f"{skip_fraction} must be in [0, 1)")
-        if split_by not in ("examples", "groups"):
-            raise ConfigError("split_by", f"'{split_by}' is not one of examples, groups")
         self.split_by = split_by
         self.data = data
         self.layers = layers

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge, Gt, Interval
 from torch import nn
 
 from framework.dictionary import (
@@ -33,10 +35,13 @@ from framework.dictionary import (
     save_dictionary,
 )
 from framework.errors import ConfigError
-from framework.interventions import SITES, check_supported, num_layers
+from framework.interventions import check_supported, num_layers
 from framework.plugins import Analyzer, Context, StageResult
 
 log = logging.getLogger("sculpt")
+
+#: framework.interventions.SITES less the embedding (a dictionary reads a block's site)
+SaeSite = Literal["residual", "mlp", "attn"]
 
 
 @torch.no_grad()
@@ -105,48 +110,26 @@ class SparseAutoencoder(Analyzer):
     def __init__(
         self,
         layer: int | None = None,
-        site: str = "residual",
-        features: int = 4096,
-        k: int = 32,
-        lr: float | None = None,
-        aux_k: int = 256,
-        aux_coef: float = 1 / 32,
-        dead_after_tokens: int = 50_000,
-        windows: int | None = None,
-        heldout_fraction: float = 0.1,
-        batch_tokens: int | None = None,
-        collect_batch: int = 8,
-        massive_ratio: float | None = 10.0,
+        site: SaeSite = "residual",
+        features: Annotated[int, Ge(2)] = 4096,
+        k: Annotated[int, Ge(1)] = 32,
+        lr: Annotated[float, Gt(0)] | None = None,
+        aux_k: Annotated[int, Ge(0)] = 256,
+        aux_coef: Annotated[float, Ge(0)] = 1 / 32,
+        dead_after_tokens: Annotated[int, Ge(1)] = 50_000,
+        windows: Annotated[int, Ge(2)] | None = None,
+        heldout_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.1,
+        batch_tokens: Annotated[int, Ge(1)] | None = None,
+        collect_batch: Annotated[int, Ge(1)] = 8,
+        massive_ratio: Annotated[float, Gt(1)] | None = 10.0,
     ):
-        if site not in SITES or site == "embed":
-            raise ConfigError("site", f"'{site}' is not one of residual, mlp, attn")
-        if features < 2:
-            raise ConfigError("features", f"must be >= 2, got {features}")
-        if not 1 <= k < features:
+        if not k < features:
             raise ConfigError("k", f"must be in [1, features={features}), got {k}")
-        if lr is not None and not lr > 0:
-            raise ConfigError("lr", f"must be > 0 or null, got {lr}")
-        if aux_k < 0:
-            raise ConfigError("aux_k", f"must be >= 0, got {aux_k}")
-        if aux_coef < 0:
-            raise ConfigError("aux_coef", f"must be >= 0, got {aux_coef}")
-        if dead_after_tokens < 1:
-            raise ConfigError("dead_after_tokens", f"must be >= 1, got {dead_after_tokens}")
-        if windows is not None and windows < 2:
-            raise ConfigError("windows", f"must be >= 2 (train + held out) or null, got {windows}")
-        if not 0 < heldout_fraction < 1:
-            raise ConfigError("heldout_fraction", f"must be in (0, 1), got {heldout_fraction}")
-        if batch_tokens is not None and batch_tokens < 1:
-            raise ConfigError("batch_tokens", f"must be >= 1 or null, got {batch_tokens}")
-        if collect_batch < 1:
-            raise ConfigError("collect_batch", f"must be >= 1, got {collect_batch}")
         self.layer, self.site, self.features, self.k = layer, site, features, k
         self.lr, self.aux_k, self.aux_coef = lr, aux_k, aux_coef
         self.dead_after_tokens, self.windows = dead_after_tokens, windows
         self.heldout_fraction, self.batch_tokens = heldout_fraction, batch_tokens
         self.collect_batch = collect_batch
-        if massive_ratio is not None and not massive_ratio > 1:
-            raise ConfigError("massive_ratio", f"must be > 1 or null, got {massive_ratio}")
         self.massive_ratio = massive_ratio
 
     def analyze(self, model: nn.Module, ctx: Context) -> StageResult:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from annotated_types import Ge, Interval
 from torch import nn
 
 from framework import topology as topo
@@ -30,6 +31,7 @@ from framework.errors import ConfigError
 from framework.models import blocks
 from framework.plots import pyplot, save_figure
 from framework.plugins import Analyzer, Context, StageResult
+from framework.topology import Metric
 
 BETTI_STEPS = 64
 
@@ -54,35 +56,21 @@ class Topology(Analyzer):
 
     def __init__(
         self,
-        calibration_windows: int = 4,
-        points: int = 800,
-        max_dim: int = 1,
+        calibration_windows: Annotated[int, Ge(1)] = 4,
+        points: Annotated[int, Ge(3)] = 800,
+        max_dim: Annotated[int, Interval(ge=0, le=1)] = 1,
         layers: list[int] | None = None,
-        metric: str = "euclidean",
+        metric: Metric = "euclidean",
         normalize: bool = True,
         neural_persistence: bool = True,
-        h1_threshold: float = 0.05,
-        workers: int = 2,
-        plot_layers: int = 4,
+        h1_threshold: Annotated[float, Ge(0)] = 0.05,
+        workers: Annotated[int, Ge(1)] = 2,
+        plot_layers: Annotated[int, Ge(0)] = 4,
     ):
-        if calibration_windows < 1:
-            raise ConfigError("calibration_windows", f"{calibration_windows} must be >= 1")
-        if points < 3:
-            raise ConfigError("points", f"{points} must be >= 3")
-        if max_dim not in (0, 1):
-            raise ConfigError("max_dim", f"{max_dim} must be 0 or 1")
-        if metric not in topo.METRICS:
-            raise ConfigError("metric", f"'{metric}' is not one of {list(topo.METRICS)}")
         if layers is not None and (len(layers) == 0 or not all(isinstance(i, int) for i in layers)):
             raise ConfigError(
                 "layers", f"{layers} must be null or a non-empty list of block indices"
             )
-        if h1_threshold < 0:
-            raise ConfigError("h1_threshold", f"{h1_threshold} must be >= 0")
-        if workers < 1:
-            raise ConfigError("workers", f"{workers} must be >= 1")
-        if plot_layers < 0:
-            raise ConfigError("plot_layers", f"{plot_layers} must be >= 0")
         self.calibration_windows = calibration_windows
         self.points = points
         self.max_dim = max_dim

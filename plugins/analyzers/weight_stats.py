@@ -10,11 +10,12 @@ RMS, max |x|, excess kurtosis and outlier channels (channels whose max |x| excee
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from annotated_types import Ge, Gt
 from torch import nn
 
-from framework.errors import ConfigError
 from framework.models import block_linears
 from framework.plots import pyplot, save_figure
 from framework.plugins import Analyzer, Context, StageResult
@@ -89,11 +90,11 @@ class WeightStats(Analyzer):
             (activations) exceeds this multiple of the median channel's.
     """
 
-    def __init__(self, calibration_windows: int = 8, outlier_ratio: float = 6.0):
-        if calibration_windows < 0:
-            raise ConfigError("calibration_windows", f"{calibration_windows} must be >= 0")
-        if outlier_ratio <= 1.0:
-            raise ConfigError("outlier_ratio", f"{outlier_ratio} must be > 1")
+    def __init__(
+        self,
+        calibration_windows: Annotated[int, Ge(0)] = 8,
+        outlier_ratio: Annotated[float, Gt(1)] = 6.0,
+    ):
         self.calibration_windows = calibration_windows
         self.outlier_ratio = outlier_ratio
         self.needs_calibration = calibration_windows > 0  # type: ignore[misc]

@@ -36,14 +36,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge
 from torch import nn
 
 from framework.calibration import inverse_cholesky_upper
 from framework.codecs.uniform import UniformGrid, dequantize, encode, fit_params, quantize_codes
-from framework.errors import ConfigError
 from framework.plugins import Compressor, Context, StageResult
 from framework.ratedistortion import (
     output_error_bound,
@@ -59,7 +59,7 @@ from framework.sequential import (
     quantize_sequentially,
     relative_output_errors,
 )
-from plugins.compressors.rtn import Quantized, check_grid_args
+from plugins.compressors.rtn import Bits, GroupSize, Quantized
 
 log = logging.getLogger("sculpt")
 
@@ -252,11 +252,11 @@ class GPTQ(Compressor):
 
     def __init__(
         self,
-        bits: int = 3,
-        group_size: int | None = 192,
+        bits: Bits = 3,
+        group_size: GroupSize = 192,
         symmetric: bool = False,
         damp: float = 0.01,
-        block_size: int = 128,
+        block_size: Annotated[int, Ge(1)] = 128,
         act_order: bool = True,
         static_groups: bool = False,
         true_sequential: bool = False,
@@ -266,12 +266,9 @@ class GPTQ(Compressor):
         offload_activations: bool = False,
         offload_weights: bool = False,
     ):
-        check_grid_args(bits, group_size)
         check_calibration_args(
             damp, calibration_windows, batch_size, offload_activations, offload_weights
         )
-        if block_size < 1:
-            raise ConfigError("block_size", f"{block_size} must be >= 1")
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
         self.damp = float(damp)
         self.block_size = block_size

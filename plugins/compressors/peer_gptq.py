@@ -35,9 +35,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from annotated_types import Ge, Gt
 from torch import nn
 
 from framework.codecs.uniform import UniformGrid, encode
@@ -45,7 +46,7 @@ from framework.errors import ConfigError, SculptError
 from framework.models import block_linears
 from framework.plugins import Compressor, Context, StageResult
 from framework.sequential import check_calibration_args
-from plugins.compressors.rtn import Quantized, check_grid_args
+from plugins.compressors.rtn import Bits, GroupSize, Quantized
 
 log = logging.getLogger("sculpt")
 
@@ -53,7 +54,6 @@ log = logging.getLogger("sculpt")
 # docs were measured with; another version runs too, and is recorded in the container.
 PEERS_PIN = "llmcompressor==0.14.0.1"
 INSTALL_HINT = f"run `make peers-venv` (installs {PEERS_PIN} into a venv of its own, <venv>/peers) or set compressor.python to a Python that has it"
-_ACTORDERS = ("static", None)
 
 
 class PeersMissing(SculptError):
@@ -235,26 +235,17 @@ class PeerGPTQ(Compressor):
 
     def __init__(
         self,
-        bits: int = 3,
-        group_size: int | None = 192,
+        bits: Bits = 3,
+        group_size: GroupSize = 192,
         damp: float = 0.01,
-        block_size: int = 128,
-        actorder: str | None = "static",
+        block_size: Annotated[int, Ge(1)] = 128,
+        actorder: Literal["static"] | None = "static",
         calibration_windows: int | None = None,
         batch_size: int = 1,
         python: str | None = None,
-        timeout_s: float | None = None,
+        timeout_s: Annotated[float, Gt(0)] | None = None,
     ):
-        check_grid_args(bits, group_size)
         check_calibration_args(damp, calibration_windows, batch_size)
-        if block_size < 1:
-            raise ConfigError("block_size", f"{block_size} must be >= 1")
-        if actorder not in _ACTORDERS:
-            raise ConfigError(
-                "actorder", f"{actorder!r} is not one of 'static', null (see the docstring)"
-            )
-        if timeout_s is not None and timeout_s <= 0:
-            raise ConfigError("timeout_s", f"{timeout_s} must be > 0 (or null)")
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=True)
         self.damp = float(damp)
         self.block_size = block_size

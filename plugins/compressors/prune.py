@@ -89,10 +89,11 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import torch
+from annotated_types import Ge, Interval
 from torch import nn
 
 from framework import topology as topo
@@ -113,8 +114,10 @@ from framework.transforms.merging import merge_units
 
 log = logging.getLogger("sculpt")
 
-METHODS = ("magnitude", "wanda", "topology", "merge")
-UNITS = ("neurons", "heads")
+MethodName = Literal["magnitude", "wanda", "topology", "merge"]
+UnitName = Literal["neurons", "heads"]
+METHODS: tuple[str, ...] = get_args(MethodName)
+UNITS: tuple[str, ...] = get_args(UnitName)
 
 
 # ----------------------------------------------------------------------------------------
@@ -456,80 +459,46 @@ class StructuredPrune(Compressor):
 
     def __init__(
         self,
-        sparsity: float = 0.25,
-        method: Literal["magnitude", "wanda", "topology", "merge"] = "wanda",
-        unit: Literal["neurons", "heads"] = "neurons",
-        calibration_windows: int | None = 16,
-        batch_size: int = 4,
-        probe_sparsity: float | None = None,
-        probe_windows: int = 4,
-        probe_seq_len: int = 128,
-        points: int = 256,
-        observe_stride: int = 1,
-        topology_weight: float = 0.5,
-        power: float = 1.0,
-        max_block_sparsity: float = 0.75,
-        workers: int = 2,
-        damp: float = 0.01,
+        sparsity: Annotated[float, Interval(ge=0, lt=1)] = 0.25,
+        method: MethodName = "wanda",
+        unit: UnitName = "neurons",
+        calibration_windows: Annotated[int, Ge(1)] | None = 16,
+        batch_size: Annotated[int, Ge(1)] = 4,
+        probe_sparsity: Annotated[float, Interval(gt=0, lt=1)] | None = None,
+        probe_windows: Annotated[int, Ge(1)] = 4,
+        probe_seq_len: Annotated[int, Ge(2)] = 128,
+        points: Annotated[int, Ge(8)] = 256,
+        observe_stride: Annotated[int, Ge(1)] = 1,
+        topology_weight: Annotated[float, Interval(ge=0, le=1)] = 0.5,
+        power: Annotated[float, Ge(0)] = 1.0,
+        max_block_sparsity: Annotated[float, Interval(ge=0, le=1)] = 0.75,
+        workers: Annotated[int, Ge(1)] = 2,
+        damp: Annotated[float, Interval(ge=0, lt=1)] = 0.01,
         allocation: Literal["uniform", "topology"] | None = None,
         shrink: bool = False,
     ):
-        def fraction(name: str, value: Any, closed: bool = False) -> float:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            ok = ok and (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0)
-            if not ok:
-                interval = "[0, 1]" if closed else "[0, 1)"
-                raise ConfigError(name, f"{value} must be a fraction in {interval}")
-            return float(value)
-
-        self.sparsity = fraction("sparsity", sparsity)
-        if method not in METHODS:
-            raise ConfigError("method", f"'{method}' is not one of {', '.join(METHODS)}")
+        self.sparsity = float(sparsity)
         self.method = method
-        if unit not in UNITS:
-            raise ConfigError("unit", f"'{unit}' is not one of {', '.join(UNITS)}")
         self.unit = unit
-        if calibration_windows is not None and calibration_windows < 1:
-            raise ConfigError(
-                "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
-            )
-        for name, value, low in (
-            ("batch_size", batch_size, 1),
-            ("probe_windows", probe_windows, 1),
-            ("probe_seq_len", probe_seq_len, 2),
-            ("points", points, 8),
-            ("observe_stride", observe_stride, 1),
-            ("workers", workers, 1),
-        ):
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(name, f"{value} must be an integer >= {low}")
         self.calibration_windows = calibration_windows
         self.batch_size = batch_size
-        self.probe_sparsity = (
-            None if probe_sparsity is None else fraction("probe_sparsity", probe_sparsity)
-        )
-        if self.probe_sparsity == 0.0:
-            raise ConfigError("probe_sparsity", "0 measures nothing; use a rate in (0, 1)")
+        self.probe_sparsity = None if probe_sparsity is None else float(probe_sparsity)
         self.probe_windows = probe_windows
         self.probe_seq_len = probe_seq_len
         self.points = points
         self.observe_stride = observe_stride
-        self.topology_weight = fraction("topology_weight", topology_weight, closed=True)
-        if not (isinstance(power, int | float) and math.isfinite(power) and power >= 0):
-            raise ConfigError("power", f"{power} must be a finite number >= 0")
+        self.topology_weight = float(topology_weight)
+        if not math.isfinite(power):  # the bound (>= 0) is in the signature
+            raise ConfigError("power", f"{power} must be finite")
         self.power = float(power)
-        self.max_block_sparsity = fraction("max_block_sparsity", max_block_sparsity, closed=True)
+        self.max_block_sparsity = float(max_block_sparsity)
         if self.max_block_sparsity < self.sparsity:
             raise ConfigError(
                 "max_block_sparsity",
                 f"{max_block_sparsity} is below sparsity {sparsity}: the total cannot be placed",
             )
         self.workers = workers
-        if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
-            raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
         self.damp = float(damp)
-        if allocation not in (None, "uniform", "topology"):
-            raise ConfigError("allocation", f"'{allocation}' is not one of uniform, topology")
         if method == "topology" and allocation == "uniform":
             raise ConfigError("allocation", "uniform with method=topology is method=wanda")
         self.allocation = allocation or ("topology" if method == "topology" else "uniform")

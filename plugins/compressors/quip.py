@@ -35,10 +35,11 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from annotated_types import Ge
 from torch import nn
 
 from framework.calibration import inverse_cholesky_upper
@@ -176,9 +177,9 @@ class QuIP(Compressor):
         group_size: int | None = None,
         rotation: Literal["hadamard", "orthogonal", "none"] = "hadamard",
         damp: float = 0.01,
-        block_size: int = 128,
+        block_size: Annotated[int, Ge(1)] = 128,
         feedback: bool = True,
-        seed: int = 0,
+        seed: Annotated[int, Ge(0)] = 0,
         true_sequential: bool = False,
         quantized_inputs: bool = True,
         calibration_windows: int | None = None,
@@ -194,15 +195,9 @@ class QuIP(Compressor):
         if why:
             key, _, detail = why.partition(": ")
             raise ConfigError(key, detail)
-        if rotation not in ("hadamard", "orthogonal", "none"):
-            raise ConfigError("rotation", f"'{rotation}' is not one of hadamard, orthogonal, none")
         check_calibration_args(
             damp, calibration_windows, batch_size, offload_activations, offload_weights
         )
-        if type(block_size) is not int or block_size < 1:
-            raise ConfigError("block_size", f"{block_size} must be an integer >= 1")
-        if type(seed) is not int or seed < 0:
-            raise ConfigError("seed", f"{seed!r} must be an integer >= 0")
         self.bits = bits
         self.codebook = codebook
         self.group_size = group_size

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from annotated_types import Ge, Gt
 from torch import nn
 
 from framework.codecs.uniform import UniformGrid, encode
@@ -39,8 +40,9 @@ from framework.ratedistortion import (
     tensor_bound,
 )
 from framework.ratedistortion.allocation import Option, allocate, reverse_water_filling
+from framework.schema import constraint_problem
 from plugins.compressors.gptq import GPTQ
-from plugins.compressors.rtn import Quantized, check_grid_args
+from plugins.compressors.rtn import Bits, GroupSize, Quantized
 
 log = logging.getLogger("sculpt")
 
@@ -111,38 +113,30 @@ class RDAlloc(Compressor):
 
     def __init__(
         self,
-        budget_bits: float = 3.099,
+        budget_bits: Annotated[float, Gt(0)] = 3.099,
         quantizer: Literal["gptq", "rtn"] = "gptq",
         bits_choices: Sequence[int] = (2, 3, 4, 5, 6, 8),
         group_sizes: Sequence[int | None] = (64, 192, None),
         symmetric: bool = False,
         sensitivity: Literal["fisher", "none"] = "fisher",
-        sensitivity_windows: int = 16,
+        sensitivity_windows: Annotated[int, Ge(1)] = 16,
         damp: float = 0.01,
         act_order: bool = True,
         calibration_windows: int | None = None,
         batch_size: int = 8,
     ):
-        if quantizer not in ("gptq", "rtn"):
-            raise ConfigError("quantizer", f"{quantizer!r} is not one of gptq, rtn")
-        if sensitivity not in ("fisher", "none"):
-            raise ConfigError("sensitivity", f"{sensitivity!r} is not one of fisher, none")
         if not bits_choices:
             raise ConfigError("bits_choices", "the menu is empty")
         if not group_sizes:
             raise ConfigError("group_sizes", "the menu is empty")
-        for b in bits_choices:
-            for g in group_sizes:
-                try:
-                    check_grid_args(int(b), g)
-                except ConfigError as err:
-                    raise ConfigError(
-                        "bits_choices" if err.argument == "bits" else "group_sizes", err.detail
-                    ) from None
-        if not (isinstance(budget_bits, int | float) and budget_bits > 0):
-            raise ConfigError("budget_bits", f"{budget_bits} must be a positive number")
-        if sensitivity_windows < 1:
-            raise ConfigError("sensitivity_windows", f"{sensitivity_windows} must be >= 1")
+        # every entry of a menu is a grid argument, bounded as RTN's and GPTQ's are
+        for name, menu, hint in (
+            ("bits_choices", [int(b) for b in bits_choices], Bits),
+            ("group_sizes", group_sizes, GroupSize),
+        ):
+            for value in menu:
+                if why := constraint_problem(value, hint):
+                    raise ConfigError(name, why)
         self.budget_bits = float(budget_bits)
         self.quantizer = quantizer
         self.options = [

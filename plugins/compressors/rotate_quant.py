@@ -47,7 +47,7 @@ from framework.transforms import (
     rotate_values,
 )
 from plugins.compressors.gptq import GPTQ
-from plugins.compressors.rtn import RTN, check_grid_args
+from plugins.compressors.rtn import RTN, Bits, GroupSize
 
 
 class RotateQuant(Compressor):
@@ -67,8 +67,8 @@ class RotateQuant(Compressor):
     def __init__(
         self,
         quantizer: Literal["rtn", "gptq"] = "rtn",
-        bits: int = 3,
-        group_size: int | None = 192,
+        bits: Bits = 3,
+        group_size: GroupSize = 192,
         symmetric: bool = False,
         rotation: Literal["hadamard", "orthogonal"] = "hadamard",
         rotate_residual: bool = True,
@@ -76,11 +76,6 @@ class RotateQuant(Compressor):
         rotate_queries_keys: bool = False,
         gptq: dict[str, Any] | None = None,
     ):
-        check_grid_args(bits, group_size)
-        if quantizer not in ("rtn", "gptq"):
-            raise ConfigError("quantizer", f"'{quantizer}' is not one of rtn, gptq")
-        if rotation not in ("hadamard", "orthogonal"):
-            raise ConfigError("rotation", f"'{rotation}' is not one of hadamard, orthogonal")
         extra = dict(gptq or {})
         if extra and quantizer != "gptq":
             raise ConfigError("gptq", "only applies with quantizer=gptq")

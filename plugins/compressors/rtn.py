@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge, Interval
 from torch import nn
 
 from framework.codecs import EncodedTensor, write_container
@@ -54,11 +55,10 @@ class Quantized:
         )
 
 
-def check_grid_args(bits: int, group_size: int | None) -> None:
-    if not 2 <= bits <= 8:
-        raise ConfigError("bits", f"{bits} is out of range [2, 8]")
-    if group_size is not None and group_size < 1:
-        raise ConfigError("group_size", f"{group_size} must be >= 1 (or null for per-channel)")
+# A uniform grid's arguments as every quantizer on one declares them (RTN, GPTQ, the peer's
+# GPTQ, rotate_quant; rd_alloc checks its menus against them).
+Bits = Annotated[int, Interval(ge=2, le=8)]
+GroupSize = Annotated[int, Ge(1)] | None
 
 
 class RTN(Compressor):
@@ -78,13 +78,12 @@ class RTN(Compressor):
 
     def __init__(
         self,
-        bits: int = 4,
-        group_size: int | None = 128,
+        bits: Bits = 4,
+        group_size: GroupSize = 128,
         symmetric: bool = False,
         entropy_code: bool = False,
         float_zero: bool = False,
     ):
-        check_grid_args(bits, group_size)
         if float_zero and symmetric:
             raise ConfigError("float_zero", "a symmetric grid has no zero point to store")
         self.grid = UniformGrid(

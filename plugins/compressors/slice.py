@@ -43,9 +43,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from annotated_types import Ge, Gt, Interval
 from torch import nn
 
 from framework.codecs import write_container
@@ -158,41 +159,25 @@ class Slice(Compressor):
 
     def __init__(
         self,
-        sparsity: float = 0.25,
-        calibration_windows: int | None = 32,
-        batch_size: int = 4,
-        round_to: int = 8,
+        sparsity: Annotated[float, Interval(ge=0, lt=1)] = 0.25,
+        calibration_windows: Annotated[int, Ge(1)] | None = 32,
+        batch_size: Annotated[int, Ge(1)] = 4,
+        round_to: Annotated[int, Ge(1)] = 8,
         norm_correction: bool = True,
         weighting: Literal["token", "layer"] = "token",
         basis: Literal["global", "per_layer"] = "global",
-        global_mix: float = 0.0,
+        global_mix: Annotated[float, Interval(ge=0, le=1)] = 0.0,
         refit: bool = False,
-        refit_damp: float = 0.01,
+        refit_damp: Annotated[float, Gt(0)] = 0.01,
         refit_target: Literal["layer", "stream"] = "layer",
     ):
-        if not (isinstance(sparsity, int | float) and 0.0 <= sparsity < 1.0):
-            raise ConfigError("sparsity", f"{sparsity} must be a fraction in [0, 1)")
-        if calibration_windows is not None and calibration_windows < 1:
-            raise ConfigError(
-                "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
-            )
-        if batch_size < 1:
-            raise ConfigError("batch_size", f"{batch_size} must be >= 1")
-        if round_to < 1:
-            raise ConfigError("round_to", f"{round_to} must be >= 1")
         self.sparsity = float(sparsity)
         self.calibration_windows = calibration_windows
         self.batch_size = batch_size
         self.round_to = round_to
         self.norm_correction = norm_correction
-        if weighting not in ("token", "layer"):
-            raise ConfigError("weighting", f"'{weighting}' is not one of token, layer")
         self.weighting = weighting
-        if basis not in ("global", "per_layer"):
-            raise ConfigError("basis", f"'{basis}' is not one of global, per_layer")
         self.basis = basis
-        if not 0.0 <= global_mix <= 1.0:
-            raise ConfigError("global_mix", f"{global_mix} must be in [0, 1]")
         if global_mix > 0 and basis != "per_layer":
             raise ConfigError("global_mix", "only basis=per_layer mixes in the global basis")
         self.global_mix = float(global_mix)
@@ -200,10 +185,6 @@ class Slice(Compressor):
             raise ConfigError("refit", f"must be true or false, got {refit!r}")
         if refit and basis != "per_layer":
             raise ConfigError("refit", "the least-squares refit runs with basis=per_layer")
-        if not (isinstance(refit_damp, int | float) and refit_damp > 0):
-            raise ConfigError("refit_damp", f"{refit_damp!r} must be a number > 0")
-        if refit_target not in ("layer", "stream"):
-            raise ConfigError("refit_target", f"'{refit_target}' is not one of layer, stream")
         self.refit = refit
         self.refit_target = refit_target
         self.refit_damp = float(refit_damp)

@@ -9,8 +9,9 @@ business, not this plugin's: `sculpt editor=distill trainer=deepspeed_zero3`.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import Ge, Gt
 from torch import nn
 
 from framework.errors import ConfigError
@@ -38,33 +39,19 @@ class Distill(Editor):
     def __init__(
         self,
         objective: Literal["distill", "causal_lm"] = "distill",
-        lr: float = 1e-4,
+        lr: Annotated[float, Gt(0)] = 1e-4,
         weight_decay: float = 0.0,
-        temperature: float = 1.0,
-        hidden_weight: float = 0.0,
+        temperature: Annotated[float, Gt(0)] = 1.0,
+        hidden_weight: Annotated[float, Ge(0)] = 0.0,
         trainable: Literal["auto", "all", "norms"] = "auto",
-        windows: int | None = None,
-        warmup_steps: int = 0,
-        seq_len: int | None = None,
+        windows: Annotated[int, Ge(1)] | None = None,
+        warmup_steps: Annotated[int, Ge(0)] = 0,
+        seq_len: Annotated[int, Ge(2)] | None = None,
     ):
-        if not lr > 0:
-            raise ConfigError("lr", f"must be > 0, got {lr}")
-        if not temperature > 0:
-            raise ConfigError("temperature", f"must be > 0, got {temperature}")
-        if hidden_weight < 0:
-            raise ConfigError("hidden_weight", f"must be >= 0, got {hidden_weight}")
-        if windows is not None and windows < 1:
-            raise ConfigError("windows", f"must be >= 1 or null, got {windows}")
         self.objective, self.lr, self.weight_decay = objective, lr, weight_decay
         self.temperature, self.hidden_weight = temperature, hidden_weight
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ConfigError("warmup_steps", f"must be an integer >= 0, got {warmup_steps!r}")
         self.trainable, self.windows = trainable, windows
         self.warmup_steps = warmup_steps
-        if seq_len is not None and (
-            isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2
-        ):
-            raise ConfigError("seq_len", f"must be an integer >= 2 or null, got {seq_len!r}")
         self.seq_len = seq_len
 
     def edit(self, model: nn.Module, ctx: Context) -> StageResult:

@@ -39,9 +39,10 @@ after the stage (``eval.max_kl``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge, Gt, Interval
 from safetensors.torch import save_file
 from torch import nn
 
@@ -141,39 +142,19 @@ class Leace(Editor):
         self,
         data: str = "experiments/data/concept_animals_tools.jsonl",
         layer: int = 10,
-        placement: str = "readers",
-        whiten_on: str = "text",
-        whiten_windows: int = 8,
-        fit_fraction: float = 0.5,
+        placement: Literal["readers", "writers"] = "readers",
+        whiten_on: Literal["text", "concept"] = "text",
+        whiten_windows: Annotated[int, Ge(1)] = 8,
+        fit_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.5,
         split_seed: int = 0,
         split_by: Literal["examples", "groups"] = "examples",
-        shrinkage: float = 0.0,
-        iterations: int = 4,
-        tolerance: float = 1e-3,
-        folds: int = 5,
+        shrinkage: Annotated[float, Ge(0)] = 0.0,
+        iterations: Annotated[int, Ge(1)] = 4,
+        tolerance: Annotated[float, Gt(0)] = 1e-3,
+        folds: Annotated[int, Ge(2)] = 5,
         l2: float = 1e-2,
-        max_over_baseline: float | None = 0.02,
+        max_over_baseline: Annotated[float, Ge(0)] | None = 0.02,
     ):
-        if not 0 < fit_fraction < 1:
-            raise ConfigError("fit_fraction", f"{fit_fraction} must be in (0, 1)")
-        if split_by not in ("examples", "groups"):
-            raise ConfigError("split_by", f"'{split_by}' is not one of examples, groups")
-        if placement not in ("readers", "writers"):
-            raise ConfigError("placement", f"'{placement}' is not one of readers, writers")
-        if whiten_on not in ("text", "concept"):
-            raise ConfigError("whiten_on", f"'{whiten_on}' is not one of text, concept")
-        if whiten_windows < 1:
-            raise ConfigError("whiten_windows", f"{whiten_windows} must be >= 1")
-        if shrinkage < 0:
-            raise ConfigError("shrinkage", f"{shrinkage} must be >= 0")
-        if iterations < 1:
-            raise ConfigError("iterations", f"{iterations} must be >= 1")
-        if tolerance <= 0:
-            raise ConfigError("tolerance", f"{tolerance} must be > 0")
-        if folds < 2:
-            raise ConfigError("folds", f"{folds} must be >= 2")
-        if max_over_baseline is not None and max_over_baseline < 0:
-            raise ConfigError("max_over_baseline", f"{max_over_baseline} must be >= 0")
         self.data = data
         self.layer = layer
         self.placement = placement

@@ -60,8 +60,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge, Gt, Interval
 from safetensors.torch import save
 from torch import nn
 
@@ -279,63 +281,28 @@ class Rome(Editor):
     def __init__(
         self,
         data: str = "experiments/data/fact_requests.jsonl",
-        requests: int | None = None,
+        requests: Annotated[int, Ge(1)] | None = None,
         layer: int | None = None,
-        prefixes: int = 3,
-        prefix_tokens: int = 6,
-        cov_windows: int = 8,
-        cov_shrinkage: float = 1e-3,
-        steps: int = 20,
-        lr: float = 0.5,
-        kl_weight: float = 0.0625,
+        prefixes: Annotated[int, Ge(0)] = 3,
+        prefix_tokens: Annotated[int, Ge(1)] = 6,
+        cov_windows: Annotated[int, Ge(1)] = 8,
+        cov_shrinkage: Annotated[float, Ge(0)] = 1e-3,
+        steps: Annotated[int, Ge(1)] = 20,
+        lr: Annotated[float, Gt(0)] = 0.5,
+        kl_weight: Annotated[float, Ge(0)] = 0.0625,
         kl_prompt: str = "{} is a",
-        weight_decay: float = 0.5,
-        clamp_norm: float = 4.0,
-        early_stop_nll: float = 0.05,
-        batch_size: int = 32,
-        mode: str = "joint",
-        joint_ridge: float = 1e-4,
-        min_efficacy: float | None = None,
-        min_paraphrase: float | None = None,
-        min_specificity: float | None = None,
+        weight_decay: Annotated[float, Ge(0)] = 0.5,
+        clamp_norm: Annotated[float, Gt(0)] = 4.0,
+        early_stop_nll: Annotated[float, Ge(0)] = 0.05,
+        batch_size: Annotated[int, Ge(1)] = 32,
+        mode: Literal["joint", "sequential"] = "joint",
+        joint_ridge: Annotated[float, Ge(0)] = 1e-4,
+        min_efficacy: Annotated[float, Interval(ge=0, le=1)] | None = None,
+        min_paraphrase: Annotated[float, Interval(ge=0, le=1)] | None = None,
+        min_specificity: Annotated[float, Interval(ge=0, le=1)] | None = None,
     ):
-        if requests is not None and requests < 1:
-            raise ConfigError("requests", f"{requests} must be >= 1 (null: all)")
-        if prefixes < 0:
-            raise ConfigError("prefixes", f"{prefixes} must be >= 0")
-        if prefix_tokens < 1:
-            raise ConfigError("prefix_tokens", f"{prefix_tokens} must be >= 1")
-        if cov_windows < 1:
-            raise ConfigError("cov_windows", f"{cov_windows} must be >= 1")
-        if cov_shrinkage < 0:
-            raise ConfigError("cov_shrinkage", f"{cov_shrinkage} must be >= 0")
-        if steps < 1:
-            raise ConfigError("steps", f"{steps} must be >= 1")
-        if not lr > 0:
-            raise ConfigError("lr", f"{lr} must be > 0")
-        if kl_weight < 0:
-            raise ConfigError("kl_weight", f"{kl_weight} must be >= 0")
         if kl_prompt.count("{}") != 1:
             raise ConfigError("kl_prompt", f"'{kl_prompt}' needs exactly one '{{}}'")
-        if weight_decay < 0:
-            raise ConfigError("weight_decay", f"{weight_decay} must be >= 0")
-        if not clamp_norm > 0:
-            raise ConfigError("clamp_norm", f"{clamp_norm} must be > 0")
-        if early_stop_nll < 0:
-            raise ConfigError("early_stop_nll", f"{early_stop_nll} must be >= 0")
-        if batch_size < 1:
-            raise ConfigError("batch_size", f"{batch_size} must be >= 1")
-        if mode not in ("joint", "sequential"):
-            raise ConfigError("mode", f"'{mode}' is not one of joint, sequential")
-        if joint_ridge < 0:
-            raise ConfigError("joint_ridge", f"{joint_ridge} must be >= 0")
-        for name, value in (
-            ("min_efficacy", min_efficacy),
-            ("min_paraphrase", min_paraphrase),
-            ("min_specificity", min_specificity),
-        ):
-            if value is not None and not 0 <= value <= 1:
-                raise ConfigError(name, f"{value} must be in [0, 1] (null: report only)")
         self.data = data
         self.requests = requests
         self.layer = layer

@@ -37,8 +37,10 @@ perplexity against the unedited model after the stage.
 from __future__ import annotations
 
 import logging
+from typing import Annotated, Literal, get_args
 
 import torch
+from annotated_types import Ge
 from torch import nn
 
 from framework.concepts import load_labelled, resolve_path, sentence_states
@@ -52,8 +54,10 @@ from framework.transforms.readers import fold_into_readers, reader_groups
 
 log = logging.getLogger("sculpt")
 
-MODES = ("ablate", "add")
-SOURCES = ("dictionary", "concept", "vector")
+Mode = Literal["ablate", "add"]
+Source = Literal["dictionary", "concept", "vector"]
+MODES: tuple[str, ...] = get_args(Mode)
+SOURCES: tuple[str, ...] = get_args(Source)
 
 
 def enable_mlp_bias(model: nn.Module, arch) -> int:
@@ -102,20 +106,16 @@ class Steer(Editor):
 
     def __init__(
         self,
-        mode: str = "ablate",
-        source: str = "concept",
+        mode: Mode = "ablate",
+        source: Source = "concept",
         path: str = "experiments/data/concept_animals_tools.jsonl",
         feature: int | None = None,
         positive: str | None = None,
         key: str | None = None,
         layer: int | None = None,
         alpha: float = 8.0,
-        windows: int = 4,
+        windows: Annotated[int, Ge(1)] = 4,
     ):
-        if mode not in MODES:
-            raise ConfigError("mode", f"'{mode}' is not one of {', '.join(MODES)}")
-        if source not in SOURCES:
-            raise ConfigError("source", f"'{source}' is not one of {', '.join(SOURCES)}")
         if not str(path).strip():
             raise ConfigError("path", "must name a file")
         if source == "dictionary" and (feature is None or feature < 0):
@@ -124,8 +124,6 @@ class Steer(Editor):
             )
         if not (alpha == alpha and abs(alpha) != float("inf")):
             raise ConfigError("alpha", f"must be finite, got {alpha}")
-        if windows < 1:
-            raise ConfigError("windows", f"must be >= 1, got {windows}")
         self.mode, self.source, self.path = mode, source, str(path)
         self.feature, self.positive, self.key = feature, positive, key
         self.layer, self.alpha, self.windows = layer, alpha, windows

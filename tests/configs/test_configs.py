@@ -174,7 +174,7 @@ def test_wrong_type_override_names_the_key(compose_cfg) -> None:
 
 def test_out_of_range_override_names_the_key(compose_cfg) -> None:
     cfg = compose_cfg(["compressor.bits=9"])
-    with pytest.raises(SculptError, match=r"^compressor\.bits: 9 is out of range \[2, 8\]"):
+    with pytest.raises(SculptError, match=r"^compressor\.bits: 9 must be in \[2, 8\]"):
         validate(cfg)
 
 

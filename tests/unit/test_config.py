@@ -126,7 +126,7 @@ def test_build_instantiates() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"bits": 9}, r"^compressor\.bits: 9 is out of range \[2, 8\]$"),
+        ({"bits": 9}, r"^compressor\.bits: 9 must be in \[2, 8\]$"),
         ({"group_size": 0}, r"^compressor\.group_size: 0 must be >= 1"),
     ],
 )
