@@ -76,8 +76,9 @@ def check_node(node: DictConfig, key: str) -> None:
             continue
         if isinstance(value, DictConfig | ListConfig) and "_target_" in value:
             continue
+        child = node._get_node(name)  # a list's _value() is its element nodes: convert the node
         plain = (
-            OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+            OmegaConf.to_container(child) if isinstance(child, DictConfig | ListConfig) else value
         )
         hint = strip_annotated(hints[name])
         if not _matches(plain, hint):

@@ -20,7 +20,7 @@ import inspect
 import operator
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import annotated_types as at
@@ -109,6 +109,12 @@ def constraint_problem(value: Any, hint: Any) -> str | None:
         if value in choices and type(value) in {type(c) for c in choices}:
             return None
         return f"{value!r} is not one of {', '.join(map(str, choices))}"
+    if origin in (list, tuple, Sequence) and isinstance(value, list | tuple):
+        element = typing.get_args(hint)[:1]
+        for i, item in enumerate(value if element else ()):
+            if why := constraint_problem(item, element[0]):
+                return f"entry {i}: {why}"
+        return None
     if origin in (typing.Union, types.UnionType):
         members = typing.get_args(hint)
         if value is None and type(None) in members:

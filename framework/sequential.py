@@ -10,14 +10,14 @@ linears that share an input, argument checks, per-role error summaries) is here.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge, Interval
 from torch import nn
 
 from framework.calibration import (
@@ -61,29 +61,14 @@ def relative_output_errors(
     return [float(q) / den if den > 0 else 0.0 for q in quad[1:]]
 
 
-def check_calibration_args(
-    damp: float,
-    calibration_windows: int | None,
-    batch_size: int,
-    offload_activations: bool = False,
-    offload_weights: bool = False,
-) -> None:
-    """The arguments every Hessian-calibrated quantizer (GPTQ, QuIP, the peer's GPTQ) takes
-    alike; a ConfigError names the first bad one."""
-    if not (isinstance(damp, int | float) and math.isfinite(damp) and 0.0 <= damp < 1.0):
-        raise ConfigError("damp", f"{damp} must be a fraction of the mean diagonal in [0, 1)")
-    if calibration_windows is not None and (
-        type(calibration_windows) is not int or calibration_windows < 1
-    ):
-        raise ConfigError(
-            "calibration_windows", f"{calibration_windows} must be >= 1 (or null for all)"
-        )
-    if type(batch_size) is not int or batch_size < 1:
-        raise ConfigError("batch_size", f"{batch_size} must be an integer >= 1")
-    if type(offload_activations) is not bool:
-        raise ConfigError("offload_activations", f"{offload_activations!r} must be true or false")
-    if type(offload_weights) is not bool:
-        raise ConfigError("offload_weights", f"{offload_weights!r} must be true or false")
+# The arguments every Hessian-calibrated quantizer (GPTQ, QuIP, the peer's GPTQ) takes
+# alike, as types for their signatures (framework/schema.py checks the bounds).
+#: Hessian damping, a fraction of its mean diagonal
+Damp = Annotated[float, Interval(ge=0, lt=1)]
+#: how many of the run's calibration windows to use (None: all)
+CalibrationWindows = Annotated[int, Ge(1)] | None
+#: calibration windows per forward chunk
+BatchSize = Annotated[int, Ge(1)]
 
 
 def sequential_groups(arch: ArchMap, true_sequential: bool) -> list[tuple[str, ...]]:

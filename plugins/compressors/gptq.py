@@ -53,7 +53,9 @@ from framework.ratedistortion import (
     tensor_bound,
 )
 from framework.sequential import (
-    check_calibration_args,
+    BatchSize,
+    CalibrationWindows,
+    Damp,
     errors_by_role,
     intra_op_threads,
     quantize_sequentially,
@@ -255,20 +257,17 @@ class GPTQ(Compressor):
         bits: Bits = 3,
         group_size: GroupSize = 192,
         symmetric: bool = False,
-        damp: float = 0.01,
+        damp: Damp = 0.01,
         block_size: Annotated[int, Ge(1)] = 128,
         act_order: bool = True,
         static_groups: bool = False,
         true_sequential: bool = False,
         quantized_inputs: bool = True,
-        calibration_windows: int | None = None,
-        batch_size: int = 8,
+        calibration_windows: CalibrationWindows = None,
+        batch_size: BatchSize = 8,
         offload_activations: bool = False,
         offload_weights: bool = False,
     ):
-        check_calibration_args(
-            damp, calibration_windows, batch_size, offload_activations, offload_weights
-        )
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=symmetric)
         self.damp = float(damp)
         self.block_size = block_size

@@ -45,7 +45,7 @@ from framework.codecs.uniform import UniformGrid, encode
 from framework.errors import ConfigError, SculptError
 from framework.models import block_linears
 from framework.plugins import Compressor, Context, StageResult
-from framework.sequential import check_calibration_args
+from framework.sequential import BatchSize, CalibrationWindows, Damp
 from plugins.compressors.rtn import Bits, GroupSize, Quantized
 
 log = logging.getLogger("sculpt")
@@ -237,15 +237,14 @@ class PeerGPTQ(Compressor):
         self,
         bits: Bits = 3,
         group_size: GroupSize = 192,
-        damp: float = 0.01,
+        damp: Damp = 0.01,
         block_size: Annotated[int, Ge(1)] = 128,
         actorder: Literal["static"] | None = "static",
-        calibration_windows: int | None = None,
-        batch_size: int = 1,
+        calibration_windows: CalibrationWindows = None,
+        batch_size: BatchSize = 1,
         python: str | None = None,
         timeout_s: Annotated[float, Gt(0)] | None = None,
     ):
-        check_calibration_args(damp, calibration_windows, batch_size)
         self.grid = UniformGrid(bits=bits, group_size=group_size, symmetric=True)
         self.damp = float(damp)
         self.block_size = block_size

@@ -65,7 +65,9 @@ from framework.ratedistortion import (
     tensor_bound,
 )
 from framework.sequential import (
-    check_calibration_args,
+    BatchSize,
+    CalibrationWindows,
+    Damp,
     errors_by_role,
     intra_op_threads,
     quantize_sequentially,
@@ -176,14 +178,14 @@ class QuIP(Compressor):
         codebook: Literal["e8", "uniform"] = "e8",
         group_size: int | None = None,
         rotation: Literal["hadamard", "orthogonal", "none"] = "hadamard",
-        damp: float = 0.01,
+        damp: Damp = 0.01,
         block_size: Annotated[int, Ge(1)] = 128,
         feedback: bool = True,
         seed: Annotated[int, Ge(0)] = 0,
         true_sequential: bool = False,
         quantized_inputs: bool = True,
-        calibration_windows: int | None = None,
-        batch_size: int = 8,
+        calibration_windows: CalibrationWindows = None,
+        batch_size: BatchSize = 8,
         offload_activations: bool = False,
         offload_weights: bool = False,
     ):
@@ -195,9 +197,6 @@ class QuIP(Compressor):
         if why:
             key, _, detail = why.partition(": ")
             raise ConfigError(key, detail)
-        check_calibration_args(
-            damp, calibration_windows, batch_size, offload_activations, offload_weights
-        )
         self.bits = bits
         self.codebook = codebook
         self.group_size = group_size

@@ -40,7 +40,6 @@ from framework.ratedistortion import (
     tensor_bound,
 )
 from framework.ratedistortion.allocation import Option, allocate, reverse_water_filling
-from framework.schema import constraint_problem
 from plugins.compressors.gptq import GPTQ
 from plugins.compressors.rtn import Bits, GroupSize, Quantized
 
@@ -115,8 +114,8 @@ class RDAlloc(Compressor):
         self,
         budget_bits: Annotated[float, Gt(0)] = 3.099,
         quantizer: Literal["gptq", "rtn"] = "gptq",
-        bits_choices: Sequence[int] = (2, 3, 4, 5, 6, 8),
-        group_sizes: Sequence[int | None] = (64, 192, None),
+        bits_choices: Sequence[Bits] = (2, 3, 4, 5, 6, 8),
+        group_sizes: Sequence[GroupSize] = (64, 192, None),
         symmetric: bool = False,
         sensitivity: Literal["fisher", "none"] = "fisher",
         sensitivity_windows: Annotated[int, Ge(1)] = 16,
@@ -129,14 +128,6 @@ class RDAlloc(Compressor):
             raise ConfigError("bits_choices", "the menu is empty")
         if not group_sizes:
             raise ConfigError("group_sizes", "the menu is empty")
-        # every entry of a menu is a grid argument, bounded as RTN's and GPTQ's are
-        for name, menu, hint in (
-            ("bits_choices", [int(b) for b in bits_choices], Bits),
-            ("group_sizes", group_sizes, GroupSize),
-        ):
-            for value in menu:
-                if why := constraint_problem(value, hint):
-                    raise ConfigError(name, why)
         self.budget_bits = float(budget_bits)
         self.quantizer = quantizer
         self.options = [

@@ -3,6 +3,7 @@ on the YAML path (before anything is built) and on the Python path (at construct
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import pytest
@@ -51,6 +52,9 @@ class Toy(Analyzer):
         ("pca", Literal["global", "per_layer"], "'pca' is not one of global, per_layer"),
         (True, Literal[1, 2], "True is not one of 1, 2"),
         ("x", str, None),
+        ([2, 9], list[Annotated[int, Interval(ge=2, le=8)]], "entry 1: 9 must be in [2, 8]"),
+        ((64, None), tuple[Windows, ...], None),
+        ((64, 0), Sequence[Windows], "entry 1: 0 must be >= 1"),
     ],
 )
 def test_constraint_problem(value, hint, problem) -> None:
@@ -82,3 +86,11 @@ def test_yaml_node_is_checked_before_it_is_built() -> None:
         check_node(node(windows=0), "similarity")
     with pytest.raises(SculptError, match=r"^similarity\.windows: 'two' is not a valid int"):
         check_node(node(windows="two"), "similarity")
+
+
+def test_list_entries_are_checked_on_the_yaml_path() -> None:
+    node = OmegaConf.create(
+        {"_target_": "plugins.compressors.rd_alloc.RDAlloc", "bits_choices": [2, 3, 9]}
+    )
+    with pytest.raises(SculptError, match=r"^compressor\.bits_choices: entry 2: 9 must be in"):
+        check_node(node, "compressor")

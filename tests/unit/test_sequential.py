@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.utils import get_object
+from omegaconf import OmegaConf
 
-from framework.errors import ConfigError
+from framework.config import check_node
+from framework.errors import ConfigError, SculptError
 from framework.models.arch import ARCH_MAPS
 from framework.sequential import (
-    check_calibration_args,
     errors_by_role,
     relative_output_errors,
     sequential_groups,
@@ -36,28 +38,31 @@ def test_relative_output_errors_measure_in_the_inputs_metric() -> None:
     assert big == pytest.approx(direct, rel=1e-4)
 
 
+QUANTIZERS = ["plugins.compressors.gptq.GPTQ", "plugins.compressors.quip.QuIP"]
+
+
+@pytest.mark.parametrize("target", QUANTIZERS)
 @pytest.mark.parametrize(
-    ("kwargs", "key"),
+    ("kwargs", "message"),
     [
-        ({"damp": 1.0}, "damp"),
-        ({"damp": float("nan")}, "damp"),
-        ({"calibration_windows": 0}, "calibration_windows"),
-        ({"calibration_windows": 2.5}, "calibration_windows"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"offload_activations": "yes"}, "offload_activations"),
-        ({"offload_weights": 1}, "offload_weights"),
+        ({"damp": 1.0}, r"damp: 1\.0 must be in \[0, 1\)"),
+        ({"damp": float("nan")}, r"damp: nan must be in"),
+        ({"calibration_windows": 0}, r"calibration_windows: 0 must be >= 1"),
+        ({"calibration_windows": 2.5}, r"calibration_windows: 2\.5 is not a valid int"),
+        ({"batch_size": 0}, r"batch_size: 0 must be >= 1"),
+        ({"offload_activations": "yes"}, r"offload_activations: 'yes' is not a valid bool"),
     ],
 )
-def test_check_calibration_args_names_the_bad_argument(kwargs, key) -> None:
-    args = {"damp": 0.01, "calibration_windows": None, "batch_size": 4, **kwargs}
-    with pytest.raises(ConfigError) as info:
-        check_calibration_args(**args)
-    assert info.value.argument == key
-
-
-def test_check_calibration_args_accept_the_defaults() -> None:
-    check_calibration_args(0.01, None, 8, False, False)
-    check_calibration_args(0.0, 128, 1, True, True)
+def test_calibration_arguments_are_checked_alike(target: str, kwargs, message: str) -> None:
+    """The Hessian-calibrated quantizers share one declaration of these arguments
+    (framework.sequential.Damp, CalibrationWindows, BatchSize)."""
+    node = OmegaConf.create({"_target_": target, **kwargs})
+    with pytest.raises(SculptError, match=rf"^compressor\.{message}"):
+        check_node(node, "compressor")
+    if "valid" not in message:  # bounds also hold for a call from Python
+        with pytest.raises(ConfigError, match=rf"^{message}"):
+            get_object(target)(**kwargs)
+    get_object(target)(damp=0.0, calibration_windows=128, batch_size=1)
 
 
 def test_sequential_groups_follow_the_forward_order() -> None:
