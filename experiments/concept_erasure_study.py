@@ -19,11 +19,17 @@ Three splits between fitting and held-out: by sentence (every held-out noun also
 the fitted half: the editor's default), by noun (held-out nouns never seen by the eraser),
 and by noun and frame (held-out sentences pair a new noun with a new frame). Then, split
 by noun, how the unseen-noun probe falls as the eraser is fitted on more nouns per class
-(18 held-out nouns per class, 3 seeds); `--more-nouns` adds 170 nouns to the 91 for that.
+(18 held-out nouns per class, --seeds draws); `--more-nouns` adds 170 nouns to the 91 for
+that. A diagnosis per block (split by noun): the unseen-noun probe and the class signal left
+(class_signal_left) after LEACE, after LEACE whitened on the concept sentences, after a
+rank-8 eraser and after an oracle fitted on the held-out sentences. `--shared-frames` keeps
+only frames that fit either class, so that the noun alone carries the concept.
 
     OMP_NUM_THREADS=2 .venv/bin/python experiments/concept_erasure_study.py
     OMP_NUM_THREADS=2 .venv/bin/python experiments/concept_erasure_study.py --more-nouns \
         --layers 29 --curve 4 16 27 48 72 92
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/concept_erasure_study.py --shared-frames \
+        --more-nouns --layers 8 16 29 --curve 4 16 27 48 72 92 --seeds 6
 
 States are cached in --cache (safetensors) so the tables can be redone in seconds.
 """
@@ -452,6 +458,7 @@ def main() -> None:
     parser.add_argument(
         "--curve", type=int, nargs="+", default=[2, 4, 8, 16, 27], help="nouns per class fitted"
     )
+    parser.add_argument("--seeds", type=int, default=3, help="draws of nouns for the curve")
     parser.add_argument("--skip-splits", action="store_true", help="only the diagnosis and curve")
     parser.add_argument("--cache", default="outputs/concept_erasure_study/states.safetensors")
     parser.add_argument("--out", default="outputs/concept_erasure_study/results.json")
@@ -467,8 +474,9 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {"splits": [], "noun_curve": [], "diagnosis": []}
     readings = "plain / unseen nouns / control / unseen nouns and frames"
-    print(f"\n| block | held out | sentences | before: {readings} | after: {readings} |")
-    print("|---|---|---|---|---|")
+    if not args.skip_splits:
+        print(f"\n| block | held out | sentences | before: {readings} | after: {readings} |")
+        print("|---|---|---|---|---|")
     for layer in [] if args.skip_splits else args.layers:
         x, sigma = cached[f"x{layer}"].double(), cached[f"s{layer}"].double()
         for split in ("sentences", "nouns", "nouns and frames"):
@@ -515,7 +523,7 @@ def main() -> None:
     print("|---|---|---|")
     for layer in args.curve_layers:
         x, sigma = cached[f"x{layer}"].double(), cached[f"s{layer}"].double()
-        for seed in (0, 1, 2):
+        for seed in range(args.seeds):
             gen = torch.Generator().manual_seed(seed)
             order = {}
             for c in (0, 1):
@@ -541,6 +549,21 @@ def main() -> None:
                     }
                 )
             print(f"| {layer} | {seed} | " + " / ".join(row) + " |", flush=True)
+
+    # If what is left is the fitted nouns' sampling error, its square falls as 1/n: then
+    # n x left^2 (averaged over the draws: each draw's estimate is noisy) stays level.
+    print(f"\n| block | n x (class signal left)^2, mean over {args.seeds} draws: {curve} |")
+    print("|---|---|")
+    for layer in args.curve_layers:
+        cells = []
+        for k in args.curve:
+            lefts = [
+                r["class_signal_left"] ** 2
+                for r in results["noun_curve"]
+                if r["layer"] == layer and r["nouns_per_class"] == k
+            ]
+            cells.append(f"{k * sum(lefts) / len(lefts):.2f}")
+        print(f"| {layer} | " + " / ".join(cells) + " |")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
