@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from framework.concepts import (
+    class_signal_left,
     control_labels,
     leace,
     probe_accuracy,
@@ -334,39 +335,6 @@ def erase(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, fit: torch.Tens
     return torch.eye(x.shape[1], dtype=torch.float64) - proj
 
 
-def class_signal_left(
-    x: torch.Tensor,
-    sigma: torch.Tensor,
-    y: torch.Tensor,
-    nouns: torch.Tensor,
-    eraser: torch.Tensor,
-    held: torch.Tensor,
-) -> float:
-    """How much of the held-out nouns' class signal an eraser leaves, as a fraction of its
-    amplitude (0: none left; 1: untouched), measured where a fresh probe finds it.
-
-    The held-out nouns are dealt into two halves A and B; with d the whitened class-mean
-    difference of a half, the fraction is sqrt(<E d_A, E d_B> / <d_A, d_B>). Noun-specific
-    noise is independent between the halves and averages out of both inner products, so
-    this reads only the class signal the halves share, which is what a probe trained on
-    some held-out nouns and scored on others can use (a plain sine between the fitted and
-    the held-out directions would count the held-out sample's own noise as left over)."""
-    values, vectors = torch.linalg.eigh(sigma)
-    keep = values > values.max() * 1e-12
-    whiten = vectors[:, keep] @ torch.diag(values[keep].rsqrt()) @ vectors[:, keep].T
-    half_a, half_b = stratified_split(y[held], 0.5, 0, nouns[held])
-
-    def difference(rows: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        z = x[held][rows] @ e.T
-        labels = y[held][rows]
-        return whiten @ (z[labels == 0].mean(0) - z[labels == 1].mean(0))
-
-    identity = torch.eye(x.shape[1], dtype=torch.float64)
-    before = difference(half_a, identity) @ difference(half_b, identity)
-    after = difference(half_a, eraser) @ difference(half_b, eraser)
-    return max(float(after / before), 0.0) ** 0.5
-
-
 def subsets_eraser(
     x: torch.Tensor,
     sigma: torch.Tensor,
@@ -417,7 +385,8 @@ def diagnose(
     row = {}
     for name, e in erasers.items():
         row[name] = probe_accuracy(x[held] @ e.T, y[held], folds, l2, 0, nouns[held])[0]
-        row[f"{name}_signal_left"] = class_signal_left(x, sigma, y, nouns, e, held)
+        left = class_signal_left(x[held], x[held] @ e.T, y[held], nouns[held], sigma)
+        row[f"{name}_signal_left"] = float("nan") if left is None else left
     row["majority"] = float(torch.bincount(y[held]).max()) / len(held)
     return row
 
@@ -537,7 +506,7 @@ def main() -> None:
                 e = erase(x, sigma, y, fit)
                 xe = x[held] @ e.T
                 acc = probe_accuracy(xe, y[held], args.folds, args.l2, 0, nouns[held])[0]
-                left = class_signal_left(x, sigma, y, nouns, e, held)
+                left = class_signal_left(x[held], xe, y[held], nouns[held], sigma) or 0.0
                 row.append(f"{acc:.3f} ({left:.2f})")
                 results["noun_curve"].append(
                     {

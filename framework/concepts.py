@@ -274,6 +274,46 @@ def control_labels(y: torch.Tensor, groups: torch.Tensor, seed: int = 0) -> torc
     return label_of[groups]
 
 
+def class_signal_left(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor,
+    metric: torch.Tensor | None = None,
+    seed: int = 0,
+) -> float | None:
+    """How much of the concept's class signal an edit leaves in held-out states, as a
+    fraction of its amplitude (0: none; 1: untouched), reading only what generalises across
+    groups: the signal a probe trained on some groups and scored on others can use.
+
+    The groups are dealt into two halves A and B (stratified by class); with M_A a half's
+    class-mean deviations (one row per class, whitened by ``metric``, default the
+    covariance of ``before``), the fraction is sqrt(<M_A, M_B> after / <M_A, M_B> before).
+    A group's own offset from its class is independent between the halves, so it averages
+    out of both inner products, and only the shared class signal remains (a plain
+    comparison of one set's class means would count that noise as signal left).
+    None when a half lacks a class."""
+    half_a, half_b = stratified_split(y, 0.5, seed, groups)
+    classes = y.unique()
+    if any(not bool((y[h] == c).any()) for h in (half_a, half_b) for c in classes):
+        return None
+    cov = metric if metric is not None else torch.cov(before.double().T)
+    values, vectors = torch.linalg.eigh(cov.double())
+    keep = values > values.max() * 1e-12
+    whiten = vectors[:, keep] * values[keep].rsqrt()
+
+    def deviations(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        z = x[rows].double() @ whiten
+        labels = y[rows]
+        return torch.stack([z[labels == c].mean(0) for c in classes]) - z.mean(0)
+
+    shared_before = float((deviations(before, half_a) * deviations(before, half_b)).sum())
+    shared_after = float((deviations(after, half_a) * deviations(after, half_b)).sum())
+    if shared_before <= 0:  # no class signal shared across groups to begin with
+        return None
+    return max(shared_after / shared_before, 0.0) ** 0.5
+
+
 def transfer_accuracy(
     x_train: torch.Tensor,
     y_train: torch.Tensor,

@@ -31,9 +31,11 @@ layer against the majority baseline, before and after. When the data names a gro
 example (the noun a sentence is about), two more readings say what that probe found: the
 probe scored on groups it never saw, and the same probe on a control task that labels each
 group at random (its selectivity, Hewitt & Liang 2019): a plain k-fold probe over sentences
-that share nouns can score well by memorising nouns, whatever the concept. ``split_by:
-groups`` holds out whole nouns, so the check asks whether the erasure reaches nouns it was
-not fitted on. The runner measures KL to the unedited model on the evaluation windows
+that share nouns can score well by memorising nouns, whatever the concept. With groups the
+editor also reports ``class_signal_left`` (framework.concepts): the fraction of the class
+signal shared across held-out groups that the edit leaves, which is what a probe on unseen
+groups can find. ``split_by: groups`` holds out whole nouns, so the check asks whether the
+erasure reaches nouns it was not fitted on. The runner measures KL to the unedited model on the evaluation windows
 after the stage (``eval.max_kl``).
 """
 
@@ -47,6 +49,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from framework.concepts import (
+    class_signal_left,
     control_labels,
     groups_to_split_by,
     leace,
@@ -243,11 +246,11 @@ class Leace(Editor):
         fit_before = states(fit_texts)
         first_norm = _cross_norm(fit_before, y_fit, n_classes)
         approx_kl = float("nan")
+        sigma = None
         if self.placement == "readers":
             # Blocks up to the layer are untouched, so one exact fit suffices; the probe
             # reads what every later reader sees, E h.
             x = fit_before
-            sigma = None
             if self.whiten_on == "text":
                 windows = ctx.calibration(self.whiten_windows)
                 # Uncentred: the folded eraser is bias-free (E h, not E h + P mu), and
@@ -291,6 +294,11 @@ class Leace(Editor):
         if g_held is not None:
             held = {"before": (held_before, acc_before), "after": (held_after, acc_after)}
             grouped = self._group_checks(held, y_held, g_held, ctx.seed)
+            # the concept signal shared across held-out groups that the edit leaves, in the
+            # metric the eraser was fitted in (readers with whiten_on=text) or the states' own
+            left = class_signal_left(held_before, held_after, y_held, g_held, sigma, ctx.seed)
+            if left is not None:
+                grouped["class_signal_left"] = left
         # LEACE's own guarantee: a probe learned from the erased fitted half, scored on the
         # held-out half (before: the same probe on the unedited states).
         transfer_before, transfer_base = transfer_accuracy(

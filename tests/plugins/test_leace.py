@@ -83,7 +83,7 @@ def test_readers_fold(tiny, ctx, concept_file) -> None:
     # held-out half (LEACE's guarantee), while the same probe on the unedited states did
     assert m["transfer_probe_before"] > m["transfer_baseline"] + 0.2
     assert m["transfer_over_baseline_after"] <= 0.05
-    assert "control_after" not in m  # the file names no groups
+    assert "control_after" not in m and "class_signal_left" not in m  # the file names no groups
 
 
 def test_group_checks_when_the_file_names_groups(tiny, ctx, concept_file) -> None:
@@ -102,6 +102,31 @@ def test_group_checks_when_the_file_names_groups(tiny, ctx, concept_file) -> Non
         Leace(data=str(concept_file), layer=0, split_by="groups").edit(tiny.model, ctx)
     with pytest.raises(ConfigError, match="split_by"):
         Leace(split_by="nouns")
+
+
+def test_class_signal_left_on_unseen_groups(tiny, ctx, tmp_path) -> None:
+    # Each class has frames of its own, so the class is carried by words every one of its
+    # nouns shares: an eraser fitted on some nouns removes much of it from the others too
+    # (not all: 5 fitted nouns a class estimate the direction roughly; 0.55 here).
+    words = {
+        "animal": ["cat", "dog", "cow", "fox", "owl", "pig", "rat", "eel", "elk", "emu", "yak"],
+        "tool": ["saw", "axe", "awl", "hoe", "vise", "file", "rake", "drill", "plane", "clamp"],
+    }
+    frames = {
+        "animal": ["the {} ran off.", "a {} ate grass.", "my {} is asleep."],
+        "tool": ["cut it with a {}.", "the {} is sharp.", "a {} on the bench."],
+    }
+    rows = [
+        {"text": f.format(w), "label": label, "group": w}
+        for label in words
+        for w in words[label]
+        for f in frames[label]
+    ]
+    path = tmp_path / "frames.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    editor = Leace(data=str(path), layer=0, split_by="groups", max_over_baseline=None)
+    m = editor.edit(tiny.model.eval(), ctx).metrics
+    assert 0.0 <= m["class_signal_left"] < 0.8
 
 
 def test_transfer_accuracy_scores_a_probe_learned_elsewhere() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from framework.concepts import (
+    class_signal_left,
     control_labels,
     leace,
     load_labelled,
@@ -155,6 +156,27 @@ def test_control_task_labels_groups_at_random_with_the_real_balance() -> None:
     plain, _ = probe_accuracy(x, y)
     ctrl, _ = probe_accuracy(x, control_labels(y, g, seed=3))
     assert plain - ctrl > 0.2
+
+
+def test_class_signal_left_reads_the_shared_signal_an_edit_leaves() -> None:
+    x, y, g = _clusters(groups=400, per=4, d=16, concept=4.0)
+
+    def scaled(axis: int, by: float) -> torch.Tensor:
+        return torch.diag(torch.tensor([by if i == axis else 1.0 for i in range(16)]).double())
+
+    assert class_signal_left(x, x, y, g) == pytest.approx(1.0)  # nothing erased
+    # Removing the concept's own direction leaves only the groups' own offsets, which the
+    # two halves do not share: little is left (the square root magnifies what noise stays).
+    assert class_signal_left(x, x @ scaled(0, 0.0), y, g) < 0.3
+    # Halving it leaves half; removing a direction the concept does not use leaves it all.
+    assert class_signal_left(x, x @ scaled(0, 0.5), y, g) == pytest.approx(0.5, abs=0.1)
+    assert class_signal_left(x, x @ scaled(5, 0.0), y, g) == pytest.approx(1.0, abs=0.05)
+    # The same in a given metric (here the states' covariance, the default, passed in).
+    assert class_signal_left(x, x @ scaled(0, 0.5), y, g, metric=torch.cov(x.T)) == pytest.approx(
+        class_signal_left(x, x @ scaled(0, 0.5), y, g)
+    )
+    # A class missing from one half: not measurable.
+    assert class_signal_left(x[:8], x[:8], torch.tensor([0] * 4 + [1] * 4), g[:8]) is None
 
 
 def test_split_by_groups_keeps_every_group_on_one_side() -> None:
