@@ -10,13 +10,15 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from framework.calibration import accumulate_hessians, capture_block_inputs, gram
 from framework.codecs import read_container, read_manifest
 from framework.codecs.uniform import UniformGrid, encode, fit_params
+from framework.config import check_node
 from framework.data import WindowSpec, make_windows, tokenize
 from framework.data.sources import shakespeare
-from framework.errors import ConfigError
+from framework.errors import ConfigError, SculptError
 from framework.eval import evaluate_causal_lm
 from framework.models import block_linears, build_tiny_llama
 from framework.plugins import Context
@@ -414,16 +416,29 @@ def test_lowers_kl_versus_rtn(tiny, calibration, evaluation, gptq3, tmp_path):
         ({"block_size": 0}, "block_size"),
         ({"calibration_windows": 0}, "calibration_windows"),
         ({"batch_size": 0}, "batch_size"),
-        ({"batch_size": 2.5}, "batch_size"),
-        ({"calibration_windows": 1.5}, "calibration_windows"),
-        ({"offload_activations": "yes"}, "offload_activations"),
-        ({"offload_weights": 1}, "offload_weights"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, argument):
     with pytest.raises(ConfigError) as info:
         GPTQ(**kwargs)
     assert info.value.argument == argument
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"calibration_windows": 1.5}, "calibration_windows"),
+        ({"offload_activations": "yes"}, "offload_activations"),
+        ({"offload_weights": 1}, "offload_weights"),
+    ],
+)
+def test_wrong_types_are_refused_from_yaml(kwargs, argument):
+    # types are checked where a config is bound to the signature (Python callers have
+    # their type checker); bounds on both paths (framework/schema.py)
+    node = OmegaConf.create({"_target_": "plugins.compressors.gptq.GPTQ", **kwargs})
+    with pytest.raises(SculptError, match=rf"^compressor\.{argument}: .* is not a valid"):
+        check_node(node, "compressor")
 
 
 def test_capability_flags():

@@ -203,7 +203,6 @@ def test_e8_beats_a_uniform_scalar_grid_at_two_bits_on_gaussian_rows():
         ({"damp": 1.5}, "damp"),
         ({"seed": -1}, "seed"),
         ({"batch_size": 0}, "batch_size"),
-        ({"offload_weights": "no"}, "offload_weights"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, argument):
