@@ -51,6 +51,9 @@ def render_hint(hint: Any) -> str:
         return " | ".join(render_hint(h) for h in typing.get_args(hint))
     if hint is type(None):
         return "None"
+    if origin is not None and typing.get_args(hint) and origin not in (dict,):
+        inner = typing.get_args(hint)[0]
+        return f"list of ({render_hint(inner)})"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -23,6 +23,7 @@ from framework.errors import SculptError
         (Annotated[float, Interval(ge=0)], "float >= 0"),
         (Literal["global", "per_layer"], "one of global, per_layer"),
         (str, "str"),
+        (list[Annotated[int, Ge(1)] | None], "list of (int >= 1 | None)"),
     ],
 )
 def test_render_hint(hint, text: str) -> None:
