@@ -20,9 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.config import CONF_DIR, locate, signature_of
 from framework.errors import SculptError
-from framework.schema import type_hints
-
-_MARKERS = {"Gt": ">", "Ge": ">=", "Lt": "<", "Le": "<="}
+from framework.schema import bound_text, type_hints
 
 
 def render_hint(hint: Any) -> str:
@@ -32,18 +30,8 @@ def render_hint(hint: Any) -> str:
         base, *markers = typing.get_args(hint)
         text = render_hint(base)
         for marker in markers:
-            name = type(marker).__name__
-            if name in _MARKERS:
-                text += f" {_MARKERS[name]} {next(iter(_fields(marker).values()))}"
-            elif name == "Interval":
-                sides = _fields(marker)
-                if len(sides) == 2:
-                    (lo_name, lo), (hi_name, hi) = sides.items()
-                    left, right = "(" if lo_name == "gt" else "[", ")" if hi_name == "lt" else "]"
-                    text += f" in {left}{lo}, {hi}{right}"
-                else:
-                    ((side, bound),) = sides.items()
-                    text += f" {_MARKERS[side.capitalize()]} {bound}"
+            if bound := bound_text(marker):
+                text += f" {bound}"
         return text
     if origin is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
@@ -55,11 +43,6 @@ def render_hint(hint: Any) -> str:
         inner = typing.get_args(hint)[0]
         return f"list of ({render_hint(inner)})"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _fields(marker: Any) -> dict[str, Any]:
-    names = ("gt", "ge", "lt", "le")
-    return {n: getattr(marker, n) for n in names if getattr(marker, n, None) is not None}
 
 
 def argument_notes(obj: Any) -> dict[str, str]:

@@ -58,37 +58,47 @@ def _number(x: Any) -> str:
     return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
 
 
-# (marker, its bound's attribute, symbol, test)
-_COMPARISONS: tuple[tuple[type, str, str, Callable[[Any, Any], bool]], ...] = (
-    (at.Gt, "gt", ">", lambda v, b: v > b),
-    (at.Ge, "ge", ">=", lambda v, b: v >= b),
-    (at.Lt, "lt", "<", lambda v, b: v < b),
-    (at.Le, "le", "<=", lambda v, b: v <= b),
+# a bound marker's sides: (attribute, symbol, test)
+_SIDES: tuple[tuple[str, str, Callable[[Any, Any], bool]], ...] = (
+    ("gt", ">", operator.gt),
+    ("ge", ">=", operator.ge),
+    ("lt", "<", operator.lt),
+    ("le", "<=", operator.le),
 )
+_BOUND_MARKERS = (at.Gt, at.Ge, at.Lt, at.Le, at.Interval)
+
+
+def _sides(marker: Any) -> list[tuple[str, str, Callable[[Any, Any], bool], Any]]:
+    """(attribute, symbol, test, bound) of each side an annotated-types bound marker sets
+    (Gt, Ge, Lt, Le: one; Interval: one or two); none for other metadata."""
+    if not isinstance(marker, _BOUND_MARKERS):
+        return []
+    return [
+        (attr, symbol, test, getattr(marker, attr))
+        for attr, symbol, test in _SIDES
+        if getattr(marker, attr, None) is not None
+    ]
+
+
+def bound_text(marker: Any) -> str | None:
+    """A bound marker as a user reads it: ">= 1", "in (0, 1)", "in [2, 8]"; None for
+    metadata that is not a bound."""
+    sides = _sides(marker)
+    if len(sides) == 2:
+        (low, _, _, lo), (high, _, _, hi) = sides
+        left, right = "(" if low == "gt" else "[", ")" if high == "lt" else "]"
+        return f"in {left}{_number(lo)}, {_number(hi)}{right}"
+    if len(sides) == 1:
+        _, symbol, _, bound = sides[0]
+        return f"{symbol} {_number(bound)}"
+    return None
 
 
 def _bound_problem(value: float, marker: Any) -> str | None:
-    """Why a number breaks one annotated-types marker (Gt, Ge, Lt, Le, Interval), or None
-    (NaN breaks every bound)."""
-    if isinstance(marker, at.Interval):
-        sides = [
-            (kind, attr, getattr(marker, attr))
-            for kind, attr in ((at.Gt, "gt"), (at.Ge, "ge"), (at.Lt, "lt"), (at.Le, "le"))
-            if getattr(marker, attr) is not None
-        ]
-        problems = [_bound_problem(value, kind(bound)) for kind, _, bound in sides]
-        if all(p is None for p in problems):
-            return None
-        if len(sides) == 1:
-            return problems[0]
-        (_, low, lo), (_, high, hi) = sides
-        left, right = "(" if low == "gt" else "[", ")" if high == "lt" else "]"
-        return f"{value!r} must be in {left}{_number(lo)}, {_number(hi)}{right}"
-    for kind, attr, symbol, ok in _COMPARISONS:
-        if isinstance(marker, kind):
-            bound = getattr(marker, attr)
-            return None if ok(value, bound) else f"{value!r} must be {symbol} {_number(bound)}"
-    return None
+    """Why a number breaks one bound marker, or None (NaN breaks every bound)."""
+    if all(test(value, bound) for _, _, test, bound in _sides(marker)):
+        return None
+    return f"{value!r} must be {bound_text(marker)}"
 
 
 def constraint_problem(value: Any, hint: Any) -> str | None:
