@@ -67,16 +67,13 @@ def check_node(node: DictConfig, key: str) -> None:
                 raise SculptError(f"{key}.{name}: must be set ({raw} is ???)") from exc
             except Exception:  # e.g. ${hydra:...} outside a Hydra app: checked when built
                 pass
-        value = (
-            node._get_node(name)._value()
-            if OmegaConf.is_interpolation(node, name) is False
-            else None
-        )
+        child = node._get_node(name)
+        value = None if OmegaConf.is_interpolation(node, name) else child._value()
         if value is None or name not in hints:
             continue
-        if isinstance(value, DictConfig | ListConfig) and "_target_" in value:
-            continue
-        child = node._get_node(name)  # a list's _value() is its element nodes: convert the node
+        if isinstance(child, DictConfig) and "_target_" in child:
+            continue  # a nested plugin: checked as a node of its own
+        # a container's _value() holds its element nodes: convert the node itself
         plain = (
             OmegaConf.to_container(child) if isinstance(child, DictConfig | ListConfig) else value
         )
