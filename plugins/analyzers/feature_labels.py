@@ -48,7 +48,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import torch
 from annotated_types import Ge, Gt
@@ -62,7 +62,6 @@ from framework.models.arch import blocks
 from framework.plugins import Analyzer, Context, StageResult
 
 RankBy = Literal["max", "mean", "frequency"]
-RANK_BY: tuple[str, ...] = get_args(RankBy)
 API_KEYS = {"base_url", "model", "api_key_env", "timeout_s"}
 MARK = ("[[", "]]")
 

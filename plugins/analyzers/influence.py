@@ -32,7 +32,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import torch
 from annotated_types import Ge
@@ -47,7 +47,6 @@ from framework.plugins import Analyzer, Context, StageResult
 
 ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_out")
 Similarity = Literal["cosine", "dot"]
-SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 
 
 def load_corpus(path: str | Path, key: str = "corpus") -> list[dict[str, Any]]:

@@ -116,7 +116,6 @@ log = logging.getLogger("sculpt")
 
 MethodName = Literal["magnitude", "wanda", "topology", "merge"]
 UnitName = Literal["neurons", "heads"]
-METHODS: tuple[str, ...] = get_args(MethodName)
 UNITS: tuple[str, ...] = get_args(UnitName)
 
 

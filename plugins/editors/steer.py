@@ -37,7 +37,7 @@ perplexity against the unedited model after the stage.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
 import torch
 from annotated_types import Ge
@@ -56,8 +56,6 @@ log = logging.getLogger("sculpt")
 
 Mode = Literal["ablate", "add"]
 Source = Literal["dictionary", "concept", "vector"]
-MODES: tuple[str, ...] = get_args(Mode)
-SOURCES: tuple[str, ...] = get_args(Source)
 
 
 def enable_mlp_bias(model: nn.Module, arch) -> int:
