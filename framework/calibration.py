@@ -15,12 +15,23 @@ import os
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge, Interval
 from torch import nn
 
 from framework.errors import SculptError
+
+# The arguments every calibrated compressor takes alike (GPTQ, QuIP, the peer's GPTQ,
+# rd_alloc, structured pruning, slicing), as types for their signatures (framework/schema.py
+# checks the bounds).
+#: Hessian damping, a fraction of its mean diagonal
+Damp = Annotated[float, Interval(ge=0, lt=1)]
+#: how many of the run's calibration windows to use (None: all)
+CalibrationWindows = Annotated[int, Ge(1)] | None
+#: calibration windows per forward chunk
+BatchSize = Annotated[int, Ge(1)]
 
 try:  # optional: halves the cost of the Hessians on CPU
     from scipy.linalg.blas import ssyrk as _ssyrk

@@ -5,7 +5,7 @@ its current inputs, a caller-supplied step quantizes each linear from its Hessia
 block is run again with the new weights, so every block sees the errors made upstream
 (`quantized_inputs=False`: the original model's activations instead). The per-layer step
 is the plugin's; everything around it (activation and weight offload, the groups of
-linears that share an input, argument checks, per-role error summaries) is here.
+linears that share an input, per-role error summaries) is here.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from annotated_types import Ge, Interval
 from torch import nn
 
 from framework.calibration import (
@@ -59,16 +58,6 @@ def relative_output_errors(
     quad = ((stacked @ h) * stacked).sum(dim=(1, 2)).double()
     den = float(quad[0])
     return [float(q) / den if den > 0 else 0.0 for q in quad[1:]]
-
-
-# The arguments every Hessian-calibrated quantizer (GPTQ, QuIP, the peer's GPTQ) takes
-# alike, as types for their signatures (framework/schema.py checks the bounds).
-#: Hessian damping, a fraction of its mean diagonal
-Damp = Annotated[float, Interval(ge=0, lt=1)]
-#: how many of the run's calibration windows to use (None: all)
-CalibrationWindows = Annotated[int, Ge(1)] | None
-#: calibration windows per forward chunk
-BatchSize = Annotated[int, Ge(1)]
 
 
 def sequential_groups(arch: ArchMap, true_sequential: bool) -> list[tuple[str, ...]]:

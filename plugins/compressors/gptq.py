@@ -42,7 +42,7 @@ import torch
 from annotated_types import Ge
 from torch import nn
 
-from framework.calibration import inverse_cholesky_upper
+from framework.calibration import BatchSize, CalibrationWindows, Damp, inverse_cholesky_upper
 from framework.codecs.uniform import UniformGrid, dequantize, encode, fit_params, quantize_codes
 from framework.plugins import Compressor, Context, StageResult
 from framework.ratedistortion import (
@@ -53,9 +53,6 @@ from framework.ratedistortion import (
     tensor_bound,
 )
 from framework.sequential import (
-    BatchSize,
-    CalibrationWindows,
-    Damp,
     errors_by_role,
     intra_op_threads,
     quantize_sequentially,

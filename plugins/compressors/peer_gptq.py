@@ -41,11 +41,11 @@ import torch
 from annotated_types import Ge, Gt
 from torch import nn
 
+from framework.calibration import BatchSize, CalibrationWindows, Damp
 from framework.codecs.uniform import UniformGrid, encode
 from framework.errors import ConfigError, SculptError
 from framework.models import block_linears
 from framework.plugins import Compressor, Context, StageResult
-from framework.sequential import BatchSize, CalibrationWindows, Damp
 from plugins.compressors.rtn import Bits, GroupSize, Quantized
 
 log = logging.getLogger("sculpt")

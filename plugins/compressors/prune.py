@@ -98,6 +98,9 @@ from torch import nn
 
 from framework import topology as topo
 from framework.calibration import (
+    BatchSize,
+    CalibrationWindows,
+    Damp,
     accumulate_hessians,
     capture_block_inputs,
     first_output,
@@ -461,8 +464,8 @@ class StructuredPrune(Compressor):
         sparsity: Annotated[float, Interval(ge=0, lt=1)] = 0.25,
         method: MethodName = "wanda",
         unit: UnitName = "neurons",
-        calibration_windows: Annotated[int, Ge(1)] | None = 16,
-        batch_size: Annotated[int, Ge(1)] = 4,
+        calibration_windows: CalibrationWindows = 16,
+        batch_size: BatchSize = 4,
         probe_sparsity: Annotated[float, Interval(gt=0, lt=1)] | None = None,
         probe_windows: Annotated[int, Ge(1)] = 4,
         probe_seq_len: Annotated[int, Ge(2)] = 128,
@@ -472,7 +475,7 @@ class StructuredPrune(Compressor):
         power: Annotated[float, Ge(0)] = 1.0,
         max_block_sparsity: Annotated[float, Interval(ge=0, le=1)] = 0.75,
         workers: Annotated[int, Ge(1)] = 2,
-        damp: Annotated[float, Interval(ge=0, lt=1)] = 0.01,
+        damp: Damp = 0.01,
         allocation: Literal["uniform", "topology"] | None = None,
         shrink: bool = False,
     ):

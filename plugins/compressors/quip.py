@@ -42,7 +42,7 @@ import torch
 from annotated_types import Ge
 from torch import nn
 
-from framework.calibration import inverse_cholesky_upper
+from framework.calibration import BatchSize, CalibrationWindows, Damp, inverse_cholesky_upper
 from framework.codecs.incoherent import (
     Codebook,
     check_codebook,
@@ -65,9 +65,6 @@ from framework.ratedistortion import (
     tensor_bound,
 )
 from framework.sequential import (
-    BatchSize,
-    CalibrationWindows,
-    Damp,
     errors_by_role,
     intra_op_threads,
     quantize_sequentially,

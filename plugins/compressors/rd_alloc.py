@@ -29,6 +29,7 @@ import torch
 from annotated_types import Ge, Gt
 from torch import nn
 
+from framework.calibration import BatchSize, CalibrationWindows, Damp
 from framework.codecs.uniform import UniformGrid, encode
 from framework.errors import ConfigError
 from framework.models import block_linears
@@ -119,10 +120,10 @@ class RDAlloc(Compressor):
         symmetric: bool = False,
         sensitivity: Literal["fisher", "none"] = "fisher",
         sensitivity_windows: Annotated[int, Ge(1)] = 16,
-        damp: float = 0.01,
+        damp: Damp = 0.01,
         act_order: bool = True,
-        calibration_windows: int | None = None,
-        batch_size: int = 8,
+        calibration_windows: CalibrationWindows = None,
+        batch_size: BatchSize = 8,
     ):
         if not bits_choices:
             raise ConfigError("bits_choices", "the menu is empty")
@@ -143,7 +144,6 @@ class RDAlloc(Compressor):
             "calibration_windows": calibration_windows,
             "batch_size": batch_size,
         }
-        GPTQ(**self.gptq_args)  # validates GPTQ's own arguments now, not after the Fisher
 
     def compress(self, model: nn.Module, ctx: Context) -> StageResult:
         return self.quantize(model, ctx).result(ctx)

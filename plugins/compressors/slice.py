@@ -49,6 +49,7 @@ import torch
 from annotated_types import Ge, Gt, Interval
 from torch import nn
 
+from framework.calibration import BatchSize, CalibrationWindows
 from framework.codecs import write_container
 from framework.codecs.raw import encode_raw
 from framework.errors import ConfigError, SculptError
@@ -160,8 +161,8 @@ class Slice(Compressor):
     def __init__(
         self,
         sparsity: Annotated[float, Interval(ge=0, lt=1)] = 0.25,
-        calibration_windows: Annotated[int, Ge(1)] | None = 32,
-        batch_size: Annotated[int, Ge(1)] = 4,
+        calibration_windows: CalibrationWindows = 32,
+        batch_size: BatchSize = 4,
         round_to: Annotated[int, Ge(1)] = 8,
         norm_correction: bool = True,
         weighting: Literal["token", "layer"] = "token",

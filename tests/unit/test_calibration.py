@@ -1,11 +1,14 @@
-"""framework.calibration: block inputs captured once, and the file-backed activations that
-stand in for them when memory is short."""
+"""framework.calibration: block inputs captured once, the file-backed activations that
+stand in for them when memory is short, and the calibration arguments every calibrated
+compressor declares alike."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import get_object
+from omegaconf import OmegaConf
 
 from framework.calibration import (
     DiskActivations,
@@ -13,7 +16,8 @@ from framework.calibration import (
     damped_cholesky,
     inverse_cholesky_upper,
 )
-from framework.errors import SculptError
+from framework.config import check_node
+from framework.errors import ConfigError, SculptError
 from framework.eval import measure
 from framework.models import blocks
 
@@ -102,3 +106,42 @@ def test_inverse_cholesky_upper_factors_the_damped_inverse() -> None:
     assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped))
     with pytest.raises(SculptError, match=r"^quip: "):
         inverse_cholesky_upper(-torch.eye(3, dtype=torch.float64), 0.0, what="quip")
+
+
+CALIBRATED = [
+    "plugins.compressors.gptq.GPTQ",
+    "plugins.compressors.quip.QuIP",
+    "plugins.compressors.rd_alloc.RDAlloc",
+]
+
+
+@pytest.mark.parametrize("target", CALIBRATED)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"damp": 1.0}, r"damp: 1\.0 must be in \[0, 1\)"),
+        ({"damp": float("nan")}, r"damp: nan must be in"),
+        ({"calibration_windows": 0}, r"calibration_windows: 0 must be >= 1"),
+        ({"calibration_windows": 2.5}, r"calibration_windows: 2\.5 is not a valid int"),
+        ({"batch_size": 0}, r"batch_size: 0 must be >= 1"),
+    ],
+)
+def test_calibration_arguments_are_checked_alike(target: str, kwargs, message: str) -> None:
+    """The calibrated compressors share one declaration of these arguments
+    (framework.calibration.Damp, CalibrationWindows, BatchSize)."""
+    node = OmegaConf.create({"_target_": target, **kwargs})
+    with pytest.raises(SculptError, match=rf"^compressor\.{message}"):
+        check_node(node, "compressor")
+    if "valid" not in message:  # bounds also hold for a call from Python
+        with pytest.raises(ConfigError, match=rf"^{message}"):
+            get_object(target)(**kwargs)
+    get_object(target)(damp=0.0, calibration_windows=128, batch_size=1)
+
+
+@pytest.mark.parametrize("target", CALIBRATED[:2])
+def test_offload_flags_are_booleans(target: str) -> None:
+    node = OmegaConf.create({"_target_": target, "offload_activations": "yes"})
+    with pytest.raises(
+        SculptError, match=r"^compressor\.offload_activations: 'yes' is not a valid bool"
+    ):
+        check_node(node, "compressor")

@@ -1,16 +1,12 @@
 """framework.sequential: the pieces of the sequential quantization driver that GPTQ and QuIP
 share beyond the driver itself (which tests/plugins/test_gptq.py and test_quip.py run end to
-end): output errors, argument checks, linear groups and per-role summaries."""
+end): output errors, linear groups and per-role summaries."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import get_object
-from omegaconf import OmegaConf
 
-from framework.config import check_node
-from framework.errors import ConfigError, SculptError
 from framework.models.arch import ARCH_MAPS
 from framework.sequential import (
     errors_by_role,
@@ -36,33 +32,6 @@ def test_relative_output_errors_measure_in_the_inputs_metric() -> None:
     assert big / small == pytest.approx(100.0, rel=0.3)
     direct = ((x @ (w - off_big).T).pow(2).sum() / (x @ w.T).pow(2).sum()).item()
     assert big == pytest.approx(direct, rel=1e-4)
-
-
-QUANTIZERS = ["plugins.compressors.gptq.GPTQ", "plugins.compressors.quip.QuIP"]
-
-
-@pytest.mark.parametrize("target", QUANTIZERS)
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"damp": 1.0}, r"damp: 1\.0 must be in \[0, 1\)"),
-        ({"damp": float("nan")}, r"damp: nan must be in"),
-        ({"calibration_windows": 0}, r"calibration_windows: 0 must be >= 1"),
-        ({"calibration_windows": 2.5}, r"calibration_windows: 2\.5 is not a valid int"),
-        ({"batch_size": 0}, r"batch_size: 0 must be >= 1"),
-        ({"offload_activations": "yes"}, r"offload_activations: 'yes' is not a valid bool"),
-    ],
-)
-def test_calibration_arguments_are_checked_alike(target: str, kwargs, message: str) -> None:
-    """The Hessian-calibrated quantizers share one declaration of these arguments
-    (framework.sequential.Damp, CalibrationWindows, BatchSize)."""
-    node = OmegaConf.create({"_target_": target, **kwargs})
-    with pytest.raises(SculptError, match=rf"^compressor\.{message}"):
-        check_node(node, "compressor")
-    if "valid" not in message:  # bounds also hold for a call from Python
-        with pytest.raises(ConfigError, match=rf"^{message}"):
-            get_object(target)(**kwargs)
-    get_object(target)(damp=0.0, calibration_windows=128, batch_size=1)
 
 
 def test_sequential_groups_follow_the_forward_order() -> None:
