@@ -50,6 +50,7 @@ from framework.concepts import (
     probe_accuracy,
     stratified_split,
     transfer_accuracy,
+    whitening,
 )
 
 # the word lists and frames of the shipped concept file, from its generator
@@ -353,12 +354,9 @@ def subsets_eraser(
     for j in range(k):
         a, b = torch.isin(nf, order[0][j::k]), torch.isin(nf, order[1][j::k])
         columns.append(xf[a].mean(0) - xf[b].mean(0))
-    values, vectors = torch.linalg.eigh(sigma)
-    keep = values > values.max() * 1e-12
-    v, s = vectors[:, keep], values[keep]
-    basis, _ = torch.linalg.qr(v @ torch.diag(s.rsqrt()) @ v.T @ torch.stack(columns, 1))
-    unwhiten = v @ torch.diag(s.sqrt()) @ v.T
-    proj = unwhiten @ basis @ basis.T @ v @ torch.diag(s.rsqrt()) @ v.T
+    whiten, unwhiten = whitening(sigma, 1e-12)
+    basis, _ = torch.linalg.qr(whiten @ torch.stack(columns, 1))
+    proj = unwhiten @ basis @ basis.T @ whiten
     return torch.eye(x.shape[1], dtype=torch.float64) - proj
 
 

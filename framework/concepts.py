@@ -298,9 +298,7 @@ def class_signal_left(
     if any(not bool((y[h] == c).any()) for h in (half_a, half_b) for c in classes):
         return None
     cov = metric if metric is not None else torch.cov(before.double().T)
-    values, vectors = torch.linalg.eigh(cov.double())
-    keep = values > values.max() * 1e-12
-    whiten = vectors[:, keep] * values[keep].rsqrt()
+    whiten, _ = whitening(cov.double(), 1e-12)
 
     def deviations(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         z = x[rows].double() @ whiten
@@ -332,6 +330,15 @@ def transfer_accuracy(
     predicted = (((x_test - mu) / sd) @ w + b).argmax(1)
     majority = int(torch.bincount(y_train, minlength=n_classes).argmax())
     return float((predicted == y_test).double().mean()), float((y_test == majority).double().mean())
+
+
+def whitening(sigma: torch.Tensor, rtol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Sigma^{-1/2}, Sigma^{1/2}) on Sigma's range: eigenvalues below ``rtol`` times the
+    largest count as zero, so the first is the pseudo-inverse of the second."""
+    evals, evecs = torch.linalg.eigh(sigma)
+    keep = evals > evals.max() * rtol
+    v, e = evecs[:, keep], evals[keep]
+    return v @ torch.diag(e.rsqrt()) @ v.T, v @ torch.diag(e.sqrt()) @ v.T
 
 
 def leace(
@@ -366,11 +373,7 @@ def leace(
     sigma_xz = xc.T @ zc / n  # [d, k]
     if shrinkage > 0:
         sigma = sigma + shrinkage * sigma.trace() / d * torch.eye(d, dtype=sigma.dtype)
-    evals, evecs = torch.linalg.eigh(sigma)
-    keep = evals > evals.max() * 1e-10
-    v, e = evecs[:, keep], evals[keep]
-    w = v @ torch.diag(e.rsqrt()) @ v.T  # Sigma^{-1/2} on its range
-    w_pinv = v @ torch.diag(e.sqrt()) @ v.T
+    w, w_pinv = whitening(sigma, 1e-10)
     a = w @ sigma_xz
     u, s, _ = torch.linalg.svd(a, full_matrices=False)
     u = u[:, s > s.max() * 1e-10] if float(s.max()) > 0 else u[:, :0]
