@@ -38,7 +38,8 @@ def type_hints(obj: Any) -> dict[str, Any]:
 
 
 def strip_annotated(hint: Any) -> Any:
-    """The type under Annotated[...] (unions of them too): what a value's type is checked against."""
+    """The type under Annotated[...] (unions of them too): what a value's type is checked
+    against."""
     origin = typing.get_origin(hint)
     if origin is typing.Annotated:
         return strip_annotated(typing.get_args(hint)[0])

@@ -35,8 +35,8 @@ that share nouns can score well by memorising nouns, whatever the concept. With 
 editor also reports ``class_signal_left`` (framework.concepts): the fraction of the class
 signal shared across held-out groups that the edit leaves, which is what a probe on unseen
 groups can find. ``split_by: groups`` holds out whole nouns, so the check asks whether the
-erasure reaches nouns it was not fitted on. The runner measures KL to the unedited model on the evaluation windows
-after the stage (``eval.max_kl``).
+erasure reaches nouns it was not fitted on. The runner measures KL to the unedited model on
+the evaluation windows after the stage (``eval.max_kl``).
 """
 
 from __future__ import annotations
