@@ -382,8 +382,9 @@ def diagnose(
     }
     row = {}
     for name, e in erasers.items():
-        row[name] = probe_accuracy(x[held] @ e.T, y[held], folds, l2, 0, nouns[held])[0]
-        left = class_signal_left(x[held], x[held] @ e.T, y[held], nouns[held], sigma)
+        erased = x[held] @ e.T
+        row[name] = probe_accuracy(erased, y[held], folds, l2, 0, nouns[held])[0]
+        left = class_signal_left(x[held], erased, y[held], nouns[held], sigma)
         row[f"{name}_signal_left"] = float("nan") if left is None else left
     row["majority"] = float(torch.bincount(y[held]).max()) / len(held)
     return row
