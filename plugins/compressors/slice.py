@@ -56,6 +56,7 @@ from framework.errors import ConfigError, SculptError
 from framework.models import ArchMap, block_linears
 from framework.models.sliced_llama import Shortcut
 from framework.plugins import Compressor, Context, StageResult
+from framework.transforms.learned_slicing import learn_slicing_rotation
 from framework.transforms.slicing import (
     kept_fraction,
     norm_gain,
@@ -154,6 +155,12 @@ class Slice(Compressor):
         refit_target: layer: every linear matches the original layer's output; stream: the
             writers (o, down) match what the original stream holds after them, less what
             the sliced shortcut carries, so they also absorb the error accumulated so far.
+        rotation_steps: basis=global only: Adam steps of a rotation of the PCA basis learned
+            on KL(original || sliced) over the calibration windows, the weights frozen
+            (framework.transforms.learned_slicing; about 3 forward passes per step). 0:
+            the PCA basis as it is (SliceGPT, free of training).
+        rotation_lr: the rotation's learning rate (Adam, on the skew generator).
+        rotation_batch_size: calibration windows per rotation step.
     """
 
     needs_calibration = True
@@ -171,6 +178,9 @@ class Slice(Compressor):
         refit: bool = False,
         refit_damp: Annotated[float, Gt(0)] = 0.01,
         refit_target: Literal["layer", "stream"] = "layer",
+        rotation_steps: Annotated[int, Ge(0)] = 0,
+        rotation_lr: Annotated[float, Gt(0)] = 1e-3,
+        rotation_batch_size: BatchSize = 2,
     ):
         self.sparsity = float(sparsity)
         self.calibration_windows = calibration_windows
@@ -189,6 +199,11 @@ class Slice(Compressor):
         self.refit = refit
         self.refit_target = refit_target
         self.refit_damp = float(refit_damp)
+        if rotation_steps and basis != "global":
+            raise ConfigError("rotation_steps", "the learned rotation turns basis=global's basis")
+        self.rotation_steps = rotation_steps
+        self.rotation_lr = float(rotation_lr)
+        self.rotation_batch_size = rotation_batch_size
 
     def kept_width(self, d: int) -> int:
         keep = d - math.floor(d * self.sparsity + 1e-9)
@@ -208,11 +223,14 @@ class Slice(Compressor):
 
         windows = ctx.calibration(self.calibration_windows)
         refit_errors: dict[str, tuple[float, float]] = {}
+        rotation: dict[str, Any] = {}
         was_training = model.training
         model.eval()
         try:
             if self.basis == "global":
-                fractions, spectrum_kept = self._slice_global(model, arch, windows, keep)
+                fractions, spectrum_kept = self._slice_global(
+                    model, arch, windows, keep, ctx, rotation
+                )
             else:
                 anchor = (
                     sum(self._moments(model, arch, windows).values())
@@ -258,8 +276,22 @@ class Slice(Compressor):
         shortcuts = _shortcut_weights(model)
         block_after = shortcuts + sum(w.weight.numel() for w in block_linears(model, arch).values())
         frac = list(fractions.values())
-        refit_metrics: dict[str, float] = {}
+        extra_metrics: dict[str, float] = {}
         tables = {"energy_kept": [{"norm": p, "kept": f} for p, f in fractions.items()]}
+        if rotation:
+            tables["rotation"] = [
+                {"step": i + 1, "kl": loss} for i, loss in enumerate(rotation["losses"])
+            ]
+            extra_metrics = {
+                "rotation_kl_before": rotation["kl_before"],
+                "rotation_kl_after": rotation["kl_after"],
+            }
+            log.info(
+                "slice rotation: %d steps, calibration KL %.4f -> %.4f",
+                self.rotation_steps,
+                rotation["kl_before"],
+                rotation["kl_after"],
+            )
         if refit_errors:
             tables["refit"] = [
                 {"linear": n, "error_before": b, "error_after": a}
@@ -267,14 +299,14 @@ class Slice(Compressor):
             ]
             before = [b for b, _ in refit_errors.values()]
             after = [a for _, a in refit_errors.values()]
-            refit_metrics = {
+            extra_metrics = {
                 "refit_error_before_mean": sum(before) / len(before),
                 "refit_error_after_mean": sum(after) / len(after),
             }
             log.info(
                 "slice refit: mean relative layer error %.4f -> %.4f over %d linears",
-                refit_metrics["refit_error_before_mean"],
-                refit_metrics["refit_error_after_mean"],
+                extra_metrics["refit_error_before_mean"],
+                extra_metrics["refit_error_after_mean"],
                 len(before),
             )
         log.info(
@@ -302,7 +334,7 @@ class Slice(Compressor):
                 "energy_kept_min": min(frac),
                 "pca_spectrum_kept": spectrum_kept,
                 "calibration_windows": float(windows.shape[0]),
-                **refit_metrics,
+                **extra_metrics,
             },
             artifacts={"compressed": path},
             tables=tables,
@@ -310,19 +342,42 @@ class Slice(Compressor):
         )
 
     def _slice_global(
-        self, model: nn.Module, arch: ArchMap, windows: torch.Tensor, keep: int
+        self,
+        model: nn.Module,
+        arch: ArchMap,
+        windows: torch.Tensor,
+        keep: int,
+        ctx: Context,
+        rotation: dict[str, Any],
     ) -> tuple[dict[str, float], float]:
-        """One basis from the original model's activations at every norm; returns the kept
-        energy fraction per norm and the share of the summed spectrum kept."""
+        """One basis from the original model's activations at every norm (PCA, then the
+        learned rotation if any, its log into `rotation`); returns the kept energy
+        fraction per norm and the share of the summed spectrum kept."""
         d = model.get_submodule(arch.embed).weight.shape[1]
         moments = self._moments(model, arch, windows)
-        eigenvalues, basis = pca_basis(sum(moments.values()))
+        total = sum(moments.values())
+        _, basis = pca_basis(total)
+        if self.rotation_steps:
+            basis, log_ = learn_slicing_rotation(
+                model,
+                arch,
+                basis,
+                keep,
+                moments,
+                windows,
+                self.rotation_steps,
+                self.rotation_lr,
+                self.rotation_batch_size,
+                ctx.generator(),
+                lambda steps: ctx.track(steps, description="slice rotation"),
+            )
+            rotation.update(log_)
         fractions = {p: kept_fraction(c, basis, keep) for p, c in moments.items()}
         gains = {
             p: norm_gain(d, keep, f if self.norm_correction else None) for p, f in fractions.items()
         }
         slice_residual(model, arch, basis, keep, gains)
-        return fractions, float((eigenvalues[:keep] / eigenvalues.sum()).sum())
+        return fractions, kept_fraction(total, basis, keep)
 
     def _moments(
         self, model: nn.Module, arch: ArchMap, windows: torch.Tensor
