@@ -18,6 +18,11 @@ What this implementation chose (framework/transforms/slicing.py has the details)
   reloads with AutoModelForCausalLM.from_pretrained once sculpt's framework.models is
   imported). The 2 k^2 shortcut weights per block are counted: in the parameters, in
   block_weights_kept and in the rate (shortcut_weights reports them alone).
+* rotation_steps > 0 (basis=global): the PCA basis is only the start; a rotation of it is
+  learned on KL(original || sliced) over the calibration windows, the weights frozen
+  (framework.transforms.learned_slicing, SpinQuant's recipe aimed at the kept subspace).
+  Still one basis, so still a plain model of the original class; no longer free of
+  training (d x k numbers fitted on the calibration text), and reported as such.
 * The PCA weighs every token's residual after dividing it by its RMS (weighting=token);
   the alternative, raw second moments (weighting=layer; with basis=global each norm input
   scaled to unit trace, with per_layer SliceGPT's own choice), was worse for the global
