@@ -6,9 +6,9 @@ rotation, Q = Q0 exp(A - A^T), A trained with Adam on KL(original || sliced) ove
 calibration windows while every weight stays frozen. This is SpinQuant's recipe (Liu et
 al., 2024, arXiv:2405.16406: learn the rotation on the output loss, from a good start),
 applied to the subspace a slice keeps instead of a quantizer's input. It is not free of
-training, so it is reported as what it is: about 0.25 M numbers (d x k) fitted on the
-calibration text, the weights themselves untouched; the result is still one global basis,
-so the sliced model stays a plain model of the original class.
+training, so it is reported as what it is: the kept subspace (k (d - k) degrees of
+freedom) is fitted on the calibration text, the weights themselves untouched; the result
+is still one global basis, so the sliced model stays a plain model of the original class.
 
 The model is not resliced at every step. Slicing to U = Q[:, :k] is, up to the norms'
 epsilon, the original model with its residual stream projected on span(U) wherever
