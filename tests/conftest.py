@@ -8,6 +8,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,24 @@ def shakespeare_text() -> str:
 @pytest.fixture(scope="session")
 def kjv_text() -> str:
     return sources.kjv()
+
+
+def _scaled_tiny_llama() -> LoadedModel:
+    """The tiny Llama with random norm scales (they are 1 at init, where folding them into
+    the linears, as rotations and slicing do first, would be a no-op)."""
+    loaded = build_tiny_llama()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return loaded
+
+
+@pytest.fixture(scope="session")
+def scaled_tiny() -> Callable[[], LoadedModel]:
+    """Factory: a fresh tiny Llama with random norm scales, the same each call."""
+    return _scaled_tiny_llama
 
 
 @pytest.fixture(scope="session")

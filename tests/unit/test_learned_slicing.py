@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from framework.errors import ConfigError
-from framework.models import LoadedModel, build_tiny_llama
+from framework.models import LoadedModel
 from framework.plugins import Context
 from framework.transforms import random_orthogonal
 from framework.transforms.learned_slicing import ProjectedStream, learn_slicing_rotation
@@ -29,16 +29,6 @@ D, KEEP = 64, 40
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _scaled_tiny() -> LoadedModel:
-    loaded = build_tiny_llama()
-    g = _gen(7)
-    with torch.no_grad():
-        for name, p in loaded.model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-    return loaded
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -71,11 +61,11 @@ def _moments(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, torch.Tens
     return residual_second_moments(loaded.model, paths, windows, 8)
 
 
-def test_the_hooked_view_is_the_sliced_model(tokens) -> None:
+def test_the_hooked_view_is_the_sliced_model(tokens, scaled_tiny) -> None:
     """Projected writes and sqrt(kept share) on each norm = slicing, up to the norms' eps
     (1e-12 here: the tiny model's residual is small enough for eps to show at 1e-3);
     without the norm scaling the two disagree, and with the hooks off nothing changes."""
-    loaded = _scaled_tiny()
+    loaded = scaled_tiny()
     for module in loaded.model.modules():
         if hasattr(module, "variance_epsilon"):
             module.variance_epsilon = 1e-12
@@ -97,10 +87,10 @@ def test_the_hooked_view_is_the_sliced_model(tokens) -> None:
     assert torch.equal(_logits(loaded.model, ids), original)
 
 
-def test_the_learned_rotation_lowers_the_kl_of_the_real_slice(tokens) -> None:
+def test_the_learned_rotation_lowers_the_kl_of_the_real_slice(tokens, scaled_tiny) -> None:
     """From the PCA basis, 20 Adam steps must lower the really sliced model's KL to the
     original on the calibration windows, and the result must stay orthogonal."""
-    loaded = _scaled_tiny()
+    loaded = scaled_tiny()
     calibration = tokens["calibration"]
     moments = _moments(loaded, calibration)
     _, pca = pca_basis(sum(moments.values()))
@@ -119,8 +109,8 @@ def test_the_learned_rotation_lowers_the_kl_of_the_real_slice(tokens) -> None:
     assert kl["learned"] < 0.9 * kl["pca"], kl
 
 
-def test_the_slice_plugin_learns_its_rotation(make_ctx, tmp_path) -> None:
-    loaded = _scaled_tiny()
+def test_the_slice_plugin_learns_its_rotation(make_ctx, tmp_path, scaled_tiny) -> None:
+    loaded = scaled_tiny()
     ctx: Context = make_ctx(loaded, tmp_path, stage_name="slice")
     result = Slice(sparsity=0.25, rotation_steps=10, rotation_lr=3e-3).compress(loaded.model, ctx)
     assert result.model is not None and type(result.model).__name__ == "LlamaForCausalLM"
@@ -137,4 +127,4 @@ def test_rotation_config_errors() -> None:
     with pytest.raises(ConfigError, match="rotation_steps"):
         Slice(rotation_steps=-1)
     with pytest.raises(ConfigError, match="rotation_lr"):
-        Slice(rotation_steps=10, rotation_lr=3e-3)
+        Slice(rotation_steps=10, rotation_lr=0)

@@ -149,20 +149,9 @@ def _max_weight_change(before: nn.Module, after: nn.Module) -> float:
     )
 
 
-def _scaled_tiny() -> LoadedModel:
-    """The tiny Llama with random norm scales (they are 1 at init, where folding is a no-op)."""
-    loaded = build_tiny_llama()
-    g = _gen(7)
-    with torch.no_grad():
-        for name, p in loaded.model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-    return loaded
-
-
 @pytest.fixture(scope="module")
-def tiny_scaled() -> LoadedModel:
-    return _scaled_tiny()
+def tiny_scaled(scaled_tiny) -> LoadedModel:
+    return scaled_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -378,11 +367,11 @@ def test_slicing_nothing_is_exact(tiny_scaled: LoadedModel, ids) -> None:
 
 
 def test_slice_plugin_shrinks_and_reloads(
-    tiny_scaled: LoadedModel, ids, make_ctx, tmp_path
+    tiny_scaled: LoadedModel, ids, make_ctx, tmp_path, scaled_tiny
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    loaded = _scaled_tiny()
+    loaded = scaled_tiny()
     ctx: Context = make_ctx(loaded, tmp_path, stage_name="slice")
     result = Slice(sparsity=0.25).compress(loaded.model, ctx)
     model = result.model
@@ -447,11 +436,11 @@ def _tiny_param_count(k: int, shortcuts: bool) -> int:
 
 
 def test_per_layer_plugin_counts_shortcuts_and_reloads(
-    tiny_scaled: LoadedModel, ids, make_ctx, tmp_path
+    tiny_scaled: LoadedModel, ids, make_ctx, tmp_path, scaled_tiny
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    loaded = _scaled_tiny()
+    loaded = scaled_tiny()
     block_before = sum(p.numel() for n, p in loaded.model.named_parameters() if "proj" in n)
     ctx: Context = make_ctx(loaded, tmp_path, stage_name="slice")
     result = Slice(sparsity=0.25, basis="per_layer").compress(loaded.model, ctx)
@@ -477,19 +466,19 @@ def test_per_layer_plugin_counts_shortcuts_and_reloads(
     )
 
 
-def test_global_mix_one_is_one_basis(make_ctx, tmp_path) -> None:
+def test_global_mix_one_is_one_basis(make_ctx, tmp_path, scaled_tiny) -> None:
     """global_mix=1: every point's PCA is the global moment's, so every shortcut is the
     identity and the weights are the global basis's (only the norm gains, calibrated on
     the sliced stream, differ); 0.5 lies between: shortcuts neither identity nor free."""
     weights, gaps = {}, {}
     for mix in (1.0, 0.5):
-        loaded = _scaled_tiny()
+        loaded = scaled_tiny()
         ctx: Context = make_ctx(loaded, tmp_path / str(mix), stage_name="slice")
         result = Slice(sparsity=0.25, basis="per_layer", global_mix=mix).compress(loaded.model, ctx)
         assert result.model is not None
         gaps[mix] = max(float((s - torch.eye(48)).abs().max()) for s in _shortcuts(result.model))
         weights[mix] = result.model.state_dict()
-    loaded = _scaled_tiny()
+    loaded = scaled_tiny()
     one = Slice(sparsity=0.25).compress(loaded.model, make_ctx(loaded, tmp_path / "g")).model
     assert one is not None
     assert gaps[1.0] < 1e-5 < 0.1 < gaps[0.5]
@@ -499,7 +488,7 @@ def test_global_mix_one_is_one_basis(make_ctx, tmp_path) -> None:
             assert torch.allclose(weights[1.0][name].abs(), w.abs(), atol=1e-5), name
 
 
-def test_per_layer_bases_keep_more_energy_than_one_basis(make_ctx, tmp_path) -> None:
+def test_per_layer_bases_keep_more_energy_than_one_basis(make_ctx, tmp_path, scaled_tiny) -> None:
     """Each per-layer basis is the PCA of its own point: at every norm it keeps more of the
     (already sliced) stream's energy than the global basis keeps on average. On the random
     tiny model the logits' KL is about the same either way (its residual stream is nearly
@@ -508,7 +497,7 @@ def test_per_layer_bases_keep_more_energy_than_one_basis(make_ctx, tmp_path) -> 
     values <= 1: a product of two orthonormal k-frames)."""
     energy, kl = {}, {}
     for basis in ("global", "per_layer"):
-        loaded = _scaled_tiny()
+        loaded = scaled_tiny()
         ctx: Context = make_ctx(loaded, tmp_path / basis, stage_name=basis)
         ref = _logits(copy.deepcopy(loaded.model), ctx.evaluation_windows)
         result = Slice(sparsity=0.5, basis=basis).compress(loaded.model, ctx)  # type: ignore[arg-type]
@@ -527,13 +516,13 @@ def test_per_layer_bases_keep_more_energy_than_one_basis(make_ctx, tmp_path) -> 
 # --- rotate_quant and the raw codec -----------------------------------------------------
 
 
-def test_rotate_quant_rate_matches_rtn(make_ctx, tmp_path) -> None:
+def test_rotate_quant_rate_matches_rtn(make_ctx, tmp_path, scaled_tiny) -> None:
     rates = {}
     for name, plugin in {
         "rtn": RTN(bits=3, group_size=32),
         "rot": RotateQuant(group_size=32),
     }.items():
-        loaded = _scaled_tiny()
+        loaded = scaled_tiny()
         ctx = make_ctx(loaded, tmp_path / name, stage_name=name)
         result = plugin.compress(loaded.model, ctx)
         rates[name] = container_size(result.artifacts["compressed"])
@@ -614,12 +603,12 @@ def test_refit_of_nothing_sliced_keeps_the_function(
 
 
 @pytest.mark.parametrize("target", ["layer", "stream"])
-def test_refit_lowers_every_layer_error_and_the_kl(target: str) -> None:
+def test_refit_lowers_every_layer_error_and_the_kl(target: str, scaled_tiny) -> None:
     """At 50% the sliced linears miss the original outputs; the refit must lower each one's
     calibration error and bring the logits closer to the original's, on the calibration
     windows where it was fitted and on held-out windows of the same distribution (2,048
     calibration tokens: enough for the widest input, the MLP's 176)."""
-    loaded = _scaled_tiny()
+    loaded = scaled_tiny()
     tokens = torch.randint(0, 384, (40, 64), generator=_gen(3))
     sets = {"calibration": tokens[:32], "held_out": tokens[32:]}
     refs = {k: _logits(loaded.model, w) for k, w in sets.items()}
