@@ -7,6 +7,7 @@ Llama-family decoder, applied in place through the architecture map.
 * scalings.py: positive diagonal scalings between a norm or linear and its reader;
 * permutations.py: S_n on MLP neurons, S_kv wr S_r on attention heads (GQA-aware);
 * slicing.py: deleting the least-used directions of a rotated residual stream (lossy).
+* learned_slicing.py: a slicing basis turned by a rotation learned on the output KL.
 
 Each keeps the logits equal up to float rounding (tests/unit/test_transforms.py checks
 1e-4 relative error on the tiny Llama and SmolLM2), except slicing, which is lossy by
