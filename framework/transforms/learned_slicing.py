@@ -15,7 +15,8 @@ epsilon, the original model with its residual stream projected on span(U) wherev
 something writes into it (embedding, o_proj, down_proj) and each norm's output scaled by
 sqrt(f), f the share of that norm's calibration energy (the RMS-normalised second moment,
 as the PCA weighs it) inside span(U): exactly the correction `slicing.norm_gain` bakes into
-the sliced norms. `ProjectedStream` installs those hooks; tests check it against the
+the sliced norms (without it, `scale_norms=False`, the plain sqrt(d / k) width correction
+needs no hook). `ProjectedStream` installs those hooks; tests check it against the
 really sliced model.
 """
 
@@ -35,10 +36,17 @@ from framework.transforms.common import block_parts
 class ProjectedStream:
     """Hooks that make `model` compute what it would compute sliced to span(u), while
     `active`: every write into the residual stream projected on span(u) (u: [d, k],
-    orthonormal columns, float32), every norm output scaled by sqrt(kept energy share).
-    `moments`: norm path -> that norm input's second moment [d, d] (any scale)."""
+    orthonormal columns, float32), every norm output scaled by sqrt(kept energy share)
+    when `scale_norms` (the slice's norm_correction). `moments`: norm path -> that norm
+    input's second moment [d, d] (any scale)."""
 
-    def __init__(self, model: nn.Module, arch: ArchMap, moments: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchMap,
+        moments: dict[str, torch.Tensor],
+        scale_norms: bool = True,
+    ):
         self.active = False
         self.u: torch.Tensor | None = None
         self.shares = {p: (c / torch.trace(c)).float() for p, c in moments.items()}
@@ -46,10 +54,11 @@ class ProjectedStream:
         for parts in block_parts(model, arch):
             writers += [parts.o, parts.mlp_out]
         self._handles = [w.register_forward_hook(self._project) for w in writers]
-        self._handles += [
-            model.get_submodule(path).register_forward_hook(self._scale(path))
-            for path in self.shares
-        ]
+        if scale_norms:
+            self._handles += [
+                model.get_submodule(path).register_forward_hook(self._scale(path))
+                for path in self.shares
+            ]
 
     def _project(self, _module: nn.Module, _args: Any, out: torch.Tensor) -> Any:
         if not self.active:
@@ -90,11 +99,14 @@ def learn_slicing_rotation(
     batch_size: int,
     generator: torch.Generator,
     track: Callable[[Iterable[int]], Iterator[int]] = iter,
+    scale_norms: bool = True,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Turn `basis` ([d, d] orthogonal, float64; its first `keep` columns are what a slice
     keeps) by a rotation learned on KL(original || sliced) over random batches of
     `windows`. Returns the new [d, d] basis (float64, orthogonal to rounding) and a log:
-    the loss per step and the KL on the first batch_size windows before and after."""
+    the loss per step and the KL on the first batch_size windows before and after.
+    `scale_norms`: whether the slice will set its norm scales from the kept energy
+    (Slice's norm_correction), so that the rotation is trained on the model it makes."""
     d = basis.shape[0]
     skew = torch.zeros(d, d, dtype=torch.float64, requires_grad=True)
     start = basis.to(torch.float64)
@@ -105,7 +117,7 @@ def learn_slicing_rotation(
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
-    view = ProjectedStream(model, arch, moments)
+    view = ProjectedStream(model, arch, moments, scale_norms)
     device = next(model.parameters()).device
 
     def kl_on(batch: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ What this implementation chose (framework/transforms/slicing.py has the details)
   learned on KL(original || sliced) over the calibration windows, the weights frozen
   (framework.transforms.learned_slicing, SpinQuant's recipe aimed at the kept subspace).
   Still one basis, so still a plain model of the original class; no longer free of
-  training (d x k numbers fitted on the calibration text), and reported as such.
+  training (the kept subspace, k (d - k) degrees of freedom, is fitted on the calibration
+  text), and reported as such.
 * The PCA weighs every token's residual after dividing it by its RMS (weighting=token);
   the alternative, raw second moments (weighting=layer; with basis=global each norm input
   scaled to unit trace, with per_layer SliceGPT's own choice), was worse for the global
@@ -287,10 +288,8 @@ class Slice(Compressor):
             tables["rotation"] = [
                 {"step": i + 1, "kl": loss} for i, loss in enumerate(rotation["losses"])
             ]
-            extra_metrics = {
-                "rotation_kl_before": rotation["kl_before"],
-                "rotation_kl_after": rotation["kl_after"],
-            }
+            extra_metrics["rotation_kl_before"] = rotation["kl_before"]
+            extra_metrics["rotation_kl_after"] = rotation["kl_after"]
             log.info(
                 "slice rotation: %d steps, calibration KL %.4f -> %.4f",
                 self.rotation_steps,
@@ -304,10 +303,8 @@ class Slice(Compressor):
             ]
             before = [b for b, _ in refit_errors.values()]
             after = [a for _, a in refit_errors.values()]
-            extra_metrics = {
-                "refit_error_before_mean": sum(before) / len(before),
-                "refit_error_after_mean": sum(after) / len(after),
-            }
+            extra_metrics["refit_error_before_mean"] = sum(before) / len(before)
+            extra_metrics["refit_error_after_mean"] = sum(after) / len(after)
             log.info(
                 "slice refit: mean relative layer error %.4f -> %.4f over %d linears",
                 extra_metrics["refit_error_before_mean"],
@@ -375,6 +372,7 @@ class Slice(Compressor):
                 self.rotation_batch_size,
                 ctx.generator(),
                 lambda steps: ctx.track(steps, description="slice rotation"),
+                self.norm_correction,
             )
             rotation.update(log_)
         fractions = {p: kept_fraction(c, basis, keep) for p, c in moments.items()}

@@ -64,7 +64,8 @@ def _moments(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, torch.Tens
 def test_the_hooked_view_is_the_sliced_model(tokens, scaled_tiny) -> None:
     """Projected writes and sqrt(kept share) on each norm = slicing, up to the norms' eps
     (1e-12 here: the tiny model's residual is small enough for eps to show at 1e-3);
-    without the norm scaling the two disagree, and with the hooks off nothing changes."""
+    without the norm scaling the two disagree, and with the hooks off nothing changes.
+    scale_norms=False is the slice made with norm_correction=false."""
     loaded = scaled_tiny()
     for module in loaded.model.modules():
         if hasattr(module, "variance_epsilon"):
@@ -85,6 +86,14 @@ def test_the_hooked_view_is_the_sliced_model(tokens, scaled_tiny) -> None:
     assert _rel(_logits(loaded.model, ids), sliced) > 1e-2
     view.remove()
     assert torch.equal(_logits(loaded.model, ids), original)
+    # norm_correction=false: the slice's plain sqrt(d / k) norm scales need no norm hook
+    plain = copy.deepcopy(loaded.model)
+    plain_sliced = _logits(slice_residual(plain, loaded.arch, basis, KEEP), ids)
+    unscaled = ProjectedStream(loaded.model, loaded.arch, moments, scale_norms=False)
+    unscaled.u, unscaled.active = basis[:, :KEEP].float(), True
+    assert _rel(_logits(loaded.model, ids), plain_sliced) < 1e-5
+    assert _rel(plain_sliced, sliced) > 1e-2  # the two norm settings are different models
+    unscaled.remove()
 
 
 def test_the_learned_rotation_lowers_the_kl_of_the_real_slice(tokens, scaled_tiny) -> None:
