@@ -12,8 +12,10 @@ The sliced model need not be rebuilt at every step: slicing to U = (Q0 R)[:, :k]
 to the norms' epsilon, the original model with its residual stream projected on span(U)
 wherever something writes to it (embedding, o_proj, down_proj) and each norm's output
 scaled by sqrt(f), f the calibration share of that norm's input energy inside span(U)
-(what `transforms.slicing.norm_gain` corrects for). Hooks do exactly that; the check at
-step 0 compares the hooked model with the really sliced one.
+(what `transforms.slicing.norm_gain` corrects for). framework.transforms.learned_slicing's
+ProjectedStream hooks do exactly that (`compressor.rotation_steps` trains the same way);
+this script keeps its own loop to evaluate as it goes. `--check` prints the really sliced
+model's figures at the PCA basis, to compare with step 0.
 
     OMP_NUM_THREADS=2 .venv/bin/python experiments/slice_basis_screen.py --steps 40 --lr 1e-3
 
@@ -51,9 +53,15 @@ def main() -> None:
 
     from framework.data import WindowSpec, build_windows
     from framework.data.sources import kjv, shakespeare
-    from framework.eval import evaluate_causal_lm
     from framework.models import load_packaged
-    from framework.transforms.slicing import norm_gain, norm_paths, pca_basis, slice_residual
+    from framework.transforms.learned_slicing import ProjectedStream, token_kl
+    from framework.transforms.slicing import (
+        kept_fraction,
+        norm_gain,
+        norm_paths,
+        pca_basis,
+        slice_residual,
+    )
     from plugins.compressors.slice import residual_second_moments
 
     torch.manual_seed(0)
@@ -70,46 +78,36 @@ def main() -> None:
 
     d = model.get_submodule(arch.embed).weight.shape[1]
     keep = d - math.floor(d * args.sparsity + 1e-9)
-    paths = norm_paths(model, arch)
-    moments = residual_second_moments(model, paths, calibration, 4)
+    moments = residual_second_moments(model, norm_paths(model, arch), calibration, 4)
     _, q0 = pca_basis(sum(moments.values()))
-    cov = {p: (c / torch.trace(c)).float() for p, c in moments.items()}
+
+    if args.check:  # the really sliced model at the PCA basis, to compare with step 0 below
+        gains = {p: norm_gain(d, keep, kept_fraction(c, q0, keep)) for p, c in moments.items()}
+        real = slice_residual(copy.deepcopy(model), arch, q0, keep, gains)
+        print("really sliced:", _metrics(real, evaluation, model), flush=True)
+        del real
 
     skew = torch.zeros(d, d, dtype=torch.float64, requires_grad=True)
-    hooks = _ProjectionHooks(model, arch, paths, cov)
+    view = ProjectedStream(model, arch, moments)
 
-    def basis() -> torch.Tensor:
-        return q0 @ torch.linalg.matrix_exp(skew - skew.T)
-
-    def metrics(windows: torch.Tensor) -> dict[str, float]:
-        with torch.no_grad():
-            hooks.u = basis()[:, :keep].float()
-            out = evaluate_causal_lm(
-                _Switch(model, hooks, True), windows, _Switch(model, hooks, False)
-            )
-        return {k: round(float(v), 4) for k, v in out.items() if k in ("perplexity", "kl")}
+    def kept_subspace() -> torch.Tensor:
+        return (q0 @ torch.linalg.matrix_exp(skew - skew.T))[:, :keep].float()
 
     log: list[dict[str, object]] = []
 
     def evaluate(step: int) -> None:
-        row = {"step": step, "kjv": metrics(evaluation), "shakespeare": metrics(held_out)}
+        with torch.no_grad():
+            view.u = kept_subspace()
+            sliced, original = _Switch(model, view, True), _Switch(model, view, False)
+            row = {
+                "step": step,
+                "kjv": _metrics(sliced, evaluation, original),
+                "shakespeare": _metrics(sliced, held_out, original),
+            }
         log.append(row)
         print(json.dumps(row), flush=True)
 
-    if args.check:  # the hooked model against the really sliced one, at the PCA basis
-        real = copy.deepcopy(model)
-        with torch.no_grad():
-            u = basis()[:, :keep].float()
-            gains = {p: norm_gain(d, keep, float(torch.trace(u.T @ cov[p] @ u))) for p in paths}
-            slice_residual(real, arch, basis(), keep, gains)
-            print(
-                "really sliced:",
-                metrics_of(evaluate_causal_lm, real, evaluation, model),
-                flush=True,
-            )
-        del real
     evaluate(0)
-
     optimizer = torch.optim.Adam([skew], lr=args.lr)
     order = torch.Generator().manual_seed(0)
     start = time.perf_counter()
@@ -118,17 +116,14 @@ def main() -> None:
         pick = torch.randint(0, calibration.shape[0], (args.batch_size,), generator=order)
         batch = calibration[pick]
         with torch.no_grad():
-            hooks.on = False
             target = F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
-        hooks.on, hooks.u = True, basis()[:, :keep].float()
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        hooks.on = False
-        loss = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="none")
-        loss = loss.sum(-1).mean()
+        view.active, view.u = True, kept_subspace()
+        loss = token_kl(model(input_ids=batch, use_cache=False).logits, target)
+        view.active = False
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(round(float(loss), 4))
+        losses.append(round(float(loss.detach()), 4))
         print(f"step {step}: KL {losses[-1]} ({time.perf_counter() - start:.0f} s)", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             evaluate(step)
@@ -148,52 +143,26 @@ def main() -> None:
         f.write(json.dumps(result) + "\n")
 
 
-def metrics_of(evaluate, model, windows, reference) -> dict[str, float]:
-    out = evaluate(model, windows, reference=reference)
+def _metrics(model, windows, reference) -> dict[str, float]:
+    from framework.eval import evaluate_causal_lm
+
+    out = evaluate_causal_lm(model, windows, reference=reference)
     return {k: round(float(v), 4) for k, v in out.items() if k in ("perplexity", "kl")}
 
 
-class _ProjectionHooks:
-    """Project what writes to the residual stream on span(u); scale each norm's output by
-    sqrt(share of its calibration energy in span(u)). Active only while `on`."""
-
-    def __init__(self, model, arch, paths, cov) -> None:
-        from framework.transforms.common import block_parts
-
-        self.on, self.u, self.cov = False, None, cov
-        writers = [model.get_submodule(arch.embed)]
-        for parts in block_parts(model, arch):
-            writers += [parts.o, parts.mlp_out]
-        for module in writers:
-            module.register_forward_hook(self.project)
-        for path in paths:
-            model.get_submodule(path).register_forward_hook(self.scale(path))
-
-    def project(self, _module, _args, out):
-        return (out @ self.u) @ self.u.T if self.on else None
-
-    def scale(self, path):
-        def run(_module, _args, out):
-            if not self.on:
-                return None
-            return out * torch.sqrt(torch.trace(self.u.T @ self.cov[path] @ self.u))
-
-        return run
-
-
 class _Switch(torch.nn.Module):
-    """The same model with the projection on (the sliced model) or off (the original)."""
+    """The same model with the view active (the sliced model) or not (the original)."""
 
-    def __init__(self, model, hooks, on: bool) -> None:
+    def __init__(self, model, view, active: bool) -> None:
         super().__init__()
-        self.inner, self.hooks, self.state = model, hooks, on
+        self.inner, self.view, self.state = model, view, active
 
     def forward(self, **kwargs):
-        self.hooks.on = self.state
+        self.view.active = self.state
         try:
             return self.inner(**kwargs)
         finally:
-            self.hooks.on = False
+            self.view.active = False
 
 
 if __name__ == "__main__":

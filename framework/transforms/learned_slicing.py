@@ -80,7 +80,7 @@ class ProjectedStream:
             handle.remove()
 
 
-def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+def token_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student), nats."""
     logp = F.log_softmax(student_logits.float(), dim=-1)
     return F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
@@ -126,7 +126,7 @@ def learn_slicing_rotation(
             target = F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
         view.active, view.u = True, current()[:, :keep].float().to(device)
         try:
-            return _kl(model(input_ids=batch, use_cache=False).logits, target)
+            return token_kl(model(input_ids=batch, use_cache=False).logits, target)
         finally:
             view.active = False
 
