@@ -44,10 +44,22 @@ def _identity_track(iterable: Any, description: str = "", total: int | None = No
     return iterable
 
 
+def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || model) at every position, nats: sum over the vocabulary (last dim) of
+    p_ref (log p_ref - log p_model), from log-probabilities. The one definition of the KL
+    that evaluation reports, distillation and learned slicing train on and editors check
+    their edits with, so those numbers are the same quantity."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
+def logits_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(ref || model), from two sets of logits (taken in fp32)."""
+    return kl_per_token(ref_logits.float().log_softmax(-1), logits.float().log_softmax(-1)).mean()
+
+
 def _compare(ref_logits: torch.Tensor, logp: torch.Tensor, kl_mean: Any, top1_mean: Any) -> None:
     ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    # KL(ref || model) per token = sum_v p_ref (log p_ref - log p_model)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    kl = kl_per_token(ref_logp, logp)
     kl_mean.update(kl.reshape(-1))
     top1_mean.update((ref_logp.argmax(-1) == logp.argmax(-1)).float().reshape(-1))
 

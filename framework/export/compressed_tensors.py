@@ -45,6 +45,7 @@ from framework.codecs.packing import unpack_bits
 from framework.codecs.uniform import CODEC as UNIFORM_CODEC
 from framework.codecs.uniform import UniformGrid, dequantize, grid_of, group_params
 from framework.errors import SculptError
+from framework.eval.metrics import logits_kl
 from framework.io import atomic_dir, folder_bytes
 
 CT_BITS = (4, 8)  # what vLLM's compressed-tensors WNA16 kernels serve
@@ -349,8 +350,7 @@ def compare_load_back(
             a = ours(row[None]).logits.float()
             b = ct(row[None]).logits.float()
             max_diff = max(max_diff, float((a - b).abs().max()))
-            la, lb = a.log_softmax(-1), b.log_softmax(-1)
-            kl += float((la.exp() * (la - lb)).sum(-1).mean()) / len(tokens)
+            kl += float(logits_kl(a, b)) / len(tokens)
             agree += float((a.argmax(-1) == b.argmax(-1)).float().mean()) / len(tokens)
     return {
         "max_abs_logit_diff": max_diff,

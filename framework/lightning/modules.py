@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.eval.metrics import kl_per_token
+
 Objective = Literal["distill", "causal_lm"]
 Trainable = Literal["all", "norms"]
 
@@ -131,8 +133,8 @@ class CausalLMModule(pl.LightningModule):
         t = self.objectives.temperature
         log_p = F.log_softmax(ref.logits[:, :-1].float() / t, dim=-1)
         log_q = F.log_softmax(logits / t, dim=-1)
-        # KL(p || q) per token, averaged over tokens: the quantity evaluation reports.
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
+        # Averaged over tokens, the quantity evaluation reports (at t = 1).
+        kl = kl_per_token(log_p, log_q).mean() * t * t
         if want_hidden:
             student_h, teacher_h = out.hidden_states[-1], ref.hidden_states[-1]
             if student_h.shape != teacher_h.shape:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.eval.metrics import kl_per_token
 from framework.models.arch import ArchMap
 from framework.transforms.common import block_parts
 
@@ -82,8 +83,7 @@ class ProjectedStream:
 
 def token_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student), nats."""
-    logp = F.log_softmax(student_logits.float(), dim=-1)
-    return F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+    return kl_per_token(teacher_logp, F.log_softmax(student_logits.float(), dim=-1)).mean()
 
 
 @torch.enable_grad()  # callers (a compressor's compress) usually run under no_grad

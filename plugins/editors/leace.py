@@ -61,6 +61,7 @@ from framework.concepts import (
     transfer_accuracy,
 )
 from framework.errors import ConfigError, SculptError
+from framework.eval.metrics import logits_kl
 from framework.interventions import check_supported, num_layers, patch
 from framework.models import blocks
 from framework.plugins import Context, Editor, StageResult
@@ -265,8 +266,7 @@ class Leace(Editor):
             if exact is not None:
                 with torch.no_grad():
                     folded = model(input_ids=exact[0], use_cache=False).logits.float()
-                lp, lq = exact[1].log_softmax(-1), folded.log_softmax(-1)
-                approx_kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+                approx_kl = float(logits_kl(exact[1], folded))
             rounds = 1
             fit_after = x @ total.T
             held_after = held_before @ total.T

@@ -46,6 +46,7 @@ from torch import nn
 from framework.concepts import load_labelled, resolve_path, sentence_states
 from framework.dictionary import Dictionary, collect_activations, encode, load_dictionary
 from framework.errors import ConfigError, SculptError
+from framework.eval.metrics import logits_kl
 from framework.interventions import check_supported, num_layers, patch
 from framework.models.arch import blocks
 from framework.plugins import Context, Editor, StageResult
@@ -74,11 +75,6 @@ def enable_mlp_bias(model: nn.Module, arch) -> int:
                 made += 1
     model.config.mlp_bias = True
     return made
-
-
-def _logits_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
 class Steer(Editor):
@@ -231,8 +227,8 @@ class Steer(Editor):
                     "projection_abs_after_at_readers": float(proj_after.abs().mean()),
                     "projection_mean_after_at_readers": float(proj_after.mean()),
                     "head_untied": float(untied),
-                    "fold_approx_kl": _logits_kl(exact, folded),
-                    "window_kl": _logits_kl(logits_before, folded),
+                    "fold_approx_kl": float(logits_kl(exact, folded)),
+                    "window_kl": float(logits_kl(logits_before, folded)),
                 }
             )
             if dictionary is not None:
@@ -270,7 +266,7 @@ class Steer(Editor):
                     "biases_created": float(created),
                     "promoted_prob_before": float(p_before),
                     "promoted_prob_after": float(p_after),
-                    "window_kl": _logits_kl(logits_before, logits_after),
+                    "window_kl": float(logits_kl(logits_before, logits_after)),
                 }
             )
             if dictionary is not None:

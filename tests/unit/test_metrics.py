@@ -116,3 +116,21 @@ def test_encoder_cosine(tiny_windows) -> None:
     assert moved["cosine_to_reference"] == pytest.approx(
         float(F.cosine_similarity(emb, embr, dim=-1).mean()), rel=1e-5
     )
+
+
+def test_kl_helpers_against_a_hand_computation() -> None:
+    """kl_per_token is KL(ref || model) over the last dim, whatever the leading shape, and
+    logits_kl its mean from raw logits; an asymmetric pair tells the direction apart."""
+    from framework.eval.metrics import kl_per_token, logits_kl
+
+    g = torch.Generator().manual_seed(0)
+    ref, other = torch.randn(2, 3, 7, generator=g), 3 * torch.randn(2, 3, 7, generator=g)
+    p, q = ref.double().softmax(-1), other.double().softmax(-1)
+    by_hand = (p * (p / q).log()).sum(-1)
+    got = kl_per_token(ref.log_softmax(-1), other.log_softmax(-1))
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got.double(), by_hand, rtol=1e-5, atol=1e-6)
+    assert float(logits_kl(ref, other)) == pytest.approx(float(by_hand.mean()), rel=1e-5)
+    reverse = float((q * (q / p).log()).sum(-1).mean())
+    assert abs(float(logits_kl(ref, other)) - reverse) > 1e-2
+    assert float(logits_kl(ref, ref)) == pytest.approx(0.0, abs=1e-6)
