@@ -52,6 +52,8 @@ class Context:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # Token windows [n, seq_len]; calibration is produced lazily (it may be large).
     calibration_loader: Callable[[], torch.Tensor] | None = None
+    # Windows for training stages (data.training); None: they train on the calibration ones.
+    training_loader: Callable[[], torch.Tensor] | None = None
     evaluation_windows: torch.Tensor | None = None
     # The reference (uncompressed) model, frozen: a copy the runner keeps before the first
     # stage whose needs_reference flag is set (a distillation teacher, say).
@@ -71,6 +73,7 @@ class Context:
     # survives a kill and is removed when the run completes; None when checkpointing is off.
     resume_dir: Path | None = None
     _calibration: torch.Tensor | None = None
+    _training: torch.Tensor | None = None
 
     def calibration(self, max_windows: int | None = None) -> torch.Tensor:
         """Calibration windows, built once and cached for every later stage."""
@@ -79,6 +82,16 @@ class Context:
                 raise RuntimeError("this run has no calibration data (data.calibration)")
             self._calibration = self.calibration_loader()
         windows = self._calibration
+        return windows if max_windows is None else windows[:max_windows]
+
+    def training(self, max_windows: int | None = None) -> torch.Tensor:
+        """Windows a training stage (distillation) learns from: data.training's when the
+        run names such a text, the calibration windows otherwise. Built once, cached."""
+        if self.training_loader is None:
+            return self.calibration(max_windows)
+        if self._training is None:
+            self._training = self.training_loader()
+        windows = self._training
         return windows if max_windows is None else windows[:max_windows]
 
     def generator(self) -> torch.Generator:

@@ -128,6 +128,7 @@ def _windows(cfg: DictConfig, key: str, tokenizer: Any, max_positions: int | Non
         seq_len=int(node.seq_len),
         sampling=str(node.sampling),
         seed=int(node.get("seed", 0)),
+        skip_tokens=int(node.get("skip_tokens", 0)),
     )
     try:
         return build_windows(tokenizer, spec, key, max_positions)
@@ -267,6 +268,8 @@ def _run(
         ctx.calibration_loader = lambda: _windows(
             cfg, "data.calibration", loaded.tokenizer, max_pos
         )
+    if cfg.data.get("training") is not None:
+        ctx.training_loader = lambda: _windows(cfg, "data.training", loaded.tokenizer, max_pos)
 
     if any(plugin.needs_gradients for plugin in stages):
         ctx.trainer = build(cfg.trainer, "trainer")
@@ -343,6 +346,8 @@ def _run(
         log.info("stage %s: %s", spec.name, spec.node._target_)
         if plugin.needs_calibration:
             ctx.calibration()  # built once, outside the stage's own timing
+        if plugin.needs_gradients:
+            ctx.training()  # likewise (the calibration windows again when data.training is null)
         before = _fingerprint(model) if not plugin.changes_weights else None
         with measure() as m:
             plugin.setup(model, ctx)

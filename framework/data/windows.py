@@ -22,6 +22,10 @@ class WindowSpec:
     random: `windows` start offsets from torch.Generator().manual_seed(seed) and
     randint(0, N - seq_len + 1) (PROTOCOL.md's calibration). sequential: the first
     `windows` non-overlapping windows (PROTOCOL.md's evaluation).
+
+    skip_tokens: cut the windows from the text after its first `skip_tokens` tokens (N
+    counts what is left). A train/test split by position: training windows drawn from a
+    text past the span another side evaluates share no token with it.
     """
 
     source: Callable[[], str] | str
@@ -29,6 +33,7 @@ class WindowSpec:
     seq_len: int
     sampling: str = "sequential"
     seed: int = 0
+    skip_tokens: int = 0
 
 
 # Fast tokenizers hold ~500 bytes per token while they encode (offsets, token strings,
@@ -95,6 +100,13 @@ def make_windows(ids: torch.Tensor, spec: WindowSpec, key: str) -> torch.Tensor:
         raise SculptError(f"{key}.sampling: '{spec.sampling}' is not one of {SAMPLINGS}")
     if spec.windows < 1 or spec.seq_len < 2:
         raise SculptError(f"{key}: windows must be >= 1 and seq_len >= 2")
+    if spec.skip_tokens < 0:
+        raise SculptError(f"{key}.skip_tokens: {spec.skip_tokens} is negative")
+    if spec.skip_tokens >= ids.numel():
+        raise SculptError(
+            f"{key}.skip_tokens: {spec.skip_tokens:,} skips the whole text ({ids.numel():,} tokens)"
+        )
+    ids = ids[spec.skip_tokens :]
     n = ids.numel()
     if spec.sampling == "sequential":
         need = spec.windows * spec.seq_len

@@ -1,6 +1,9 @@
 """Distillation: recover what compression lost by training the student (the model as the
 previous stages left it) towards the teacher (the reference model kept before the first
-stage) on the calibration windows. Also plain fine-tuning (objective=causal_lm).
+stage). It trains on the run's training windows: data.training's text when the run names
+one (`data/training=kjv_heldout`: KJV windows past the evaluated span, a train/test split
+of one text), the calibration windows otherwise. Also plain fine-tuning
+(objective=causal_lm).
 
 How it runs (one process, FSDP2, DeepSpeed ZeRO-2/3, CPU or GPU) is the trainer config's
 business, not this plugin's: `sculpt editor=distill trainer=deepspeed_zero3`.
@@ -26,7 +29,7 @@ class Distill(Editor):
     trainable: `auto` trains norm scales and biases only when a previous stage left the
     weights on a quantization grid (so the container stays valid), everything otherwise
     (a sliced or pruned model); `all` / `norms` force either.
-    windows: calibration windows to train on (null: all of them).
+    windows: training windows to train on (null: all of them).
     warmup_steps: linear learning-rate warm-up over the first optimizer steps (0: none).
     seq_len: cut every calibration window into pieces of this many tokens (null: whole
     windows): under a time budget, shorter sequences give more optimizer steps for the same
@@ -87,7 +90,7 @@ class Distill(Editor):
             # trainer.checkpoint_every_n_steps > 0: a killed stage continues from here
             checkpoint_dir=str(ctx.resume_dir) if ctx.resume_dir else None,
         )
-        windows = ctx.calibration(self.windows)
+        windows = ctx.training(self.windows)
         if self.seq_len is not None:
             if self.seq_len > windows.shape[1]:
                 raise ConfigError(
@@ -116,6 +119,8 @@ class Distill(Editor):
                 "steps": float(len(losses) // job.spec.accumulate_grad_batches),
                 "max_steps": float(job.spec.max_steps),
                 "train_seconds": outcome["seconds"],
+                "training_windows": float(windows.shape[0]),
+                "training_seq_len": float(windows.shape[1]),
                 "world_size": float(outcome["world_size"]),
                 "trainable_parameters": float(outcome["trainable_parameters"]),
                 "rank_parameter_share_max": max(fractions),

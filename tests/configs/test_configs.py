@@ -20,6 +20,7 @@ EXPERIMENTS_DIR = CONF_DIR.parent / "experiments"
 # at every place the shipped configs mount it.
 NESTED_PACKAGES = {
     "data/source": ["data.evaluation.source", "data.calibration.source"],
+    "data/training": ["data.training"],
 }
 
 # Options with a mandatory (???) value get a dummy, never a skip. "{pkg}" is the package the
@@ -79,7 +80,10 @@ def _select(group: str, option: str, pkg: str | None) -> list[str]:
             pytest.fail(
                 f"nested group {group}/ has no entry in NESTED_PACKAGES: where is it mounted?"
             )
-        return [f"{group}@{pkg}={option}"]
+        # A group mounted at its own path (data/training at data.training) is selected
+        # without a package: that is how its defaults entry names it.
+        at = "" if pkg == group.replace("/", ".") else f"@{pkg}"
+        return [f"{group}{at}={option}"]
     prefix = "" if group in _defaults_groups() else "+"
     return [f"{prefix}{group}={option}"]
 

@@ -91,6 +91,18 @@ CASES = [
         ("model.path", "{fx}/nan_llama", "model.layers.1.mlp.down_proj.weight", "NaN"),
         False,
     ),
+    Case(
+        "training-text-skipped-whole",
+        (
+            *TINY,
+            "~analyzer",
+            "editor=distill",
+            "data/training=kjv_heldout",
+            "data.training.skip_tokens=100000000",
+        ),
+        ("data.training.skip_tokens", "100,000,000", "skips the whole text"),
+        False,
+    ),
     # Validators. On the random tiny Llama the direction of the perplexity change is a coin
     # flip; with model.seed=4, 2-bit RTN raises it by ~3% (372.3 -> 382.6), well over 0.01%.
     Case(

@@ -99,6 +99,33 @@ def test_seq_len_cuts_the_windows(tiny, make_ctx, tmp_path) -> None:
         Distill(seq_len=65).edit(tiny.model, ctx)
 
 
+def test_it_trains_on_the_training_windows_when_the_run_names_some(
+    tiny, make_ctx, tmp_path, tiny_windows
+) -> None:
+    """With data.training set, the student sees those windows and never the calibration
+    ones; without it, the calibration ones (Context.training falls back)."""
+    ctx = make_ctx(tiny, tmp_path, stage_name="distill")
+    ctx.reference = build_tiny_llama(seed=1).model.eval()
+    ctx.trainer = TrainerSpec(max_steps=2, batch_size=2)
+    assert torch.equal(ctx.training(), ctx.calibration())
+    training = tiny_windows["evaluation"][:, :48].clone()  # other text, other length
+    ctx.training_loader = lambda: training.clone()
+    seen: list[torch.Tensor] = []
+    hook = tiny.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(
+            kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        ),
+        with_kwargs=True,
+    )
+    try:
+        Distill(lr=3e-3).edit(tiny.model, ctx)
+    finally:
+        hook.remove()
+    assert seen
+    assert all(any(torch.equal(row, t) for t in training) for batch in seen for row in batch)
+    assert torch.equal(ctx.training(1), training[:1])
+
+
 def test_bad_values_are_refused() -> None:
     from framework.errors import ConfigError
 

@@ -152,3 +152,27 @@ def test_the_whole_packaged_texts_encode_as_one_piece_would(smollm2_tokenizer, s
 
     text = getattr(sources, source)()
     assert tokenize(smollm2_tokenizer, text).tolist() == _whole(smollm2_tokenizer, text)
+
+
+def test_skip_tokens_draws_past_the_skipped_span() -> None:
+    """Windows with skip_tokens are those of the text without its first skip_tokens tokens:
+    a token id used only in the skipped head never shows up, and the seed draws the same
+    offsets as on the cut text."""
+    ids = torch.cat([torch.full((1000,), 7), torch.arange(100, 2100)])
+    spec = WindowSpec(source="", windows=64, seq_len=32, sampling="random", seed=3)
+    skipped = make_windows(ids, WindowSpec("", 64, 32, "random", 3, skip_tokens=1000), "k")
+    assert not (skipped == 7).any()
+    assert torch.equal(skipped, make_windows(ids[1000:], spec, "k"))
+    assert (make_windows(ids, spec, "k") == 7).any()  # without the skip the head is drawn
+    first = make_windows(ids, WindowSpec("", 2, 32, "sequential", skip_tokens=1000), "k")
+    assert torch.equal(first.flatten(), torch.arange(100, 164))
+
+
+def test_skip_tokens_errors_name_the_key() -> None:
+    ids = torch.arange(100)
+    with pytest.raises(SculptError, match=r"data\.training\.skip_tokens: 100 skips the whole"):
+        make_windows(ids, WindowSpec("", 1, 8, "random", skip_tokens=100), "data.training")
+    with pytest.raises(SculptError, match=r"data\.training\.skip_tokens: -1 is negative"):
+        make_windows(ids, WindowSpec("", 1, 8, "random", skip_tokens=-1), "data.training")
+    with pytest.raises(SculptError, match=r"data\.training: the text has 20 tokens"):
+        make_windows(ids, WindowSpec("", 1, 32, "random", skip_tokens=80), "data.training")
