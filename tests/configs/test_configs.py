@@ -186,3 +186,15 @@ def test_unknown_stage_key_is_refused(compose_cfg) -> None:
     cfg = compose_cfg(["stages=[analyzer,compresor]"])
     with pytest.raises(SculptError, match=r"^stages\[1\]: 'compresor' names no config node"):
         validate(cfg)
+
+
+def test_the_held_out_training_text_skips_every_evaluated_token(compose_cfg) -> None:
+    """data/training=kjv_heldout trains on the evaluation text past what even the largest
+    protocol evaluation reads; if either side changes, this says so before a leak does."""
+    for data in ("protocol", "protocol_final"):
+        cfg = compose_cfg([f"data={data}", "data/training=kjv_heldout"])
+        training, evaluation = cfg.data.training, cfg.data.evaluation
+        assert training.source._target_ == evaluation.source._target_
+        assert evaluation.sampling == "sequential"
+        assert training.skip_tokens >= evaluation.windows * evaluation.seq_len
+    assert compose_cfg([]).data.get("training") is None  # the protocol trains on calibration
