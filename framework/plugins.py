@@ -116,6 +116,8 @@ class Stage(ABC):
     kind: ClassVar[str] = "stage"
     #: The runner collects calibration windows once and makes them available via ctx.
     needs_calibration: ClassVar[bool] = False
+    #: Likewise the training windows (ctx.training: data.training's, else calibration's).
+    needs_training_windows: ClassVar[bool] = False
     #: The stage writes weights; the runner keeps a frozen reference before it runs and
     #: evaluates after it. A stage that does not set this must leave weights bit-identical.
     changes_weights: ClassVar[bool] = False

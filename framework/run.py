@@ -346,8 +346,8 @@ def _run(
         log.info("stage %s: %s", spec.name, spec.node._target_)
         if plugin.needs_calibration:
             ctx.calibration()  # built once, outside the stage's own timing
-        if plugin.needs_gradients:
-            ctx.training()  # likewise (the calibration windows again when data.training is null)
+        if plugin.needs_training_windows:
+            ctx.training()  # likewise (the calibration windows when data.training is null)
         before = _fingerprint(model) if not plugin.changes_weights else None
         with measure() as m:
             plugin.setup(model, ctx)

@@ -31,11 +31,13 @@ class Distill(Editor):
     (a sliced or pruned model); `all` / `norms` force either.
     windows: training windows to train on (null: all of them).
     warmup_steps: linear learning-rate warm-up over the first optimizer steps (0: none).
-    seq_len: cut every calibration window into pieces of this many tokens (null: whole
+    seq_len: cut every training window into pieces of this many tokens (null: whole
     windows): under a time budget, shorter sequences give more optimizer steps for the same
     tokens."""
 
-    needs_calibration = True
+    # ctx.training: data.training's windows, or the calibration ones when there are none;
+    # so the calibration text is only tokenized when it is what the student learns from.
+    needs_training_windows = True
     needs_reference = True
     needs_gradients = True
 

@@ -79,6 +79,8 @@ def run_stage(node: DictConfig, group: str, output_dir: Path, make_ctx, trainer:
     before = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
     if plugin.needs_calibration:
         ctx.calibration()
+    if plugin.needs_training_windows:
+        ctx.training()
     plugin.setup(loaded.model, ctx)
     try:
         with torch.set_grad_enabled(plugin.needs_gradients):
