@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,14 +104,31 @@ def test_labelled_file_errors_name_the_file(tmp_path) -> None:
         load_labelled(one)
 
 
-def test_shipped_concept_file() -> None:
-    data = load_labelled("experiments/data/concept_animals_tools.jsonl")
-    assert data.classes == ["animal", "tool"]
+@pytest.mark.parametrize(
+    ("name", "classes", "groups"),
+    [
+        ("concept_animals_tools", ["animal", "tool"], 91),  # 46 animals, 45 tools
+        ("concept_gender", ["female", "male"], 159),  # 79 female, 80 male words
+    ],
+)
+def test_shipped_concept_file(name: str, classes: list[str], groups: int) -> None:
+    data = load_labelled(f"experiments/data/{name}.jsonl")
+    assert data.classes == classes
     assert torch.bincount(data.labels).tolist() == [400, 400]
     assert len(set(data.texts)) == 800
-    assert data.groups is not None and len(data.groups.unique()) == 91  # 46 animals, 45 tools
-    for g in data.groups.unique():  # a noun is one class
+    assert data.groups is not None and len(data.groups.unique()) == groups
+    for g in data.groups.unique():  # a word is one class
         assert len(data.labels[data.groups == g].unique()) == 1
+
+
+def test_gender_file_is_what_its_script_writes(tmp_path: Path) -> None:
+    """The shipped file is reproducible from experiments/data/make_concept_gender.py."""
+    script = Path("experiments/data/make_concept_gender.py")
+    copy = tmp_path / script.name
+    copy.write_text(script.read_text())
+    subprocess.run([sys.executable, str(copy)], check=True, capture_output=True)
+    shipped = Path("experiments/data/concept_gender.jsonl").read_text()
+    assert (tmp_path / "concept_gender.jsonl").read_text() == shipped
 
 
 def _clusters(groups: int = 40, per: int = 10, d: int = 64, concept: float = 0.0, seed: int = 0):
