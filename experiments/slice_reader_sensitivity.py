@@ -24,20 +24,11 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-
-
-def block_of(name: str) -> int:
-    """The block index in a module path like model.layers.7.mlp.up_proj, else -1."""
-    parts = name.split(".")
-    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1
 
 
 def main() -> None:
@@ -52,7 +43,7 @@ def main() -> None:
     from framework.data import WindowSpec, build_windows
     from framework.data.sources import kjv, shakespeare
     from framework.models import load_packaged
-    from framework.models.arch import blocks
+    from framework.transforms.common import block_parts
     from framework.transforms.norms import fold_norm_scales
     from framework.transforms.slicing import (
         kept_fraction,
@@ -61,7 +52,7 @@ def main() -> None:
         pca_basis,
         slice_residual,
     )
-    from plugins.compressors.slice import residual_second_moments
+    from plugins.compressors.slice import Slice, residual_second_moments
 
     torch.manual_seed(0)
     start = time.time()
@@ -79,7 +70,7 @@ def main() -> None:
     total = sum(moments.values())
     _, basis = pca_basis(total)
     d = basis.shape[0]
-    keep = d - math.floor(d * args.sparsity + 1e-9)
+    keep = Slice(sparsity=args.sparsity).kept_width(d)  # the compressor's width rule
     kept = basis[:, :keep].float()
     project = kept @ kept.T
 
@@ -91,12 +82,8 @@ def main() -> None:
         ]
         return torch.stack(rows)  # [windows, positions]
 
-    def projected(select: Callable[[str], bool]) -> float:
-        handles = [
-            module.register_forward_pre_hook(lambda _m, a: (a[0] @ project,))
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and select(name)
-        ]
+    def projected(readers: list[nn.Linear]) -> float:
+        handles = [r.register_forward_pre_hook(lambda _m, a: (a[0] @ project,)) for r in readers]
         try:
             return math.exp(float(token_nll(model).mean()))
         finally:
@@ -113,24 +100,26 @@ def main() -> None:
         {"readers": "none (reference)", "perplexity": math.exp(float(reference.mean()))},
         {"readers": "sliced model", "perplexity": math.exp(float(sliced_nll.mean()))},
     ]
-    groups: dict[str, Callable[[str], bool]] = {
-        "every reader": lambda n: n.endswith((*READERS, "lm_head")),
-        "q, k (attention patterns)": lambda n: n.endswith(("q_proj", "k_proj")),
-        "v": lambda n: n.endswith("v_proj"),
-        "gate, up (MLPs)": lambda n: n.endswith(("gate_proj", "up_proj")),
-        "LM head": lambda n: n.endswith("lm_head"),
-        "blocks 0-9": lambda n: n.endswith(READERS) and 0 <= block_of(n) < 10,
-        "blocks 10-19": lambda n: n.endswith(READERS) and 10 <= block_of(n) < 20,
-        "blocks 20-29": lambda n: n.endswith(READERS) and 20 <= block_of(n) < 30,
+    assert arch.head is not None
+    parts = block_parts(model, arch)
+    block_readers = [[p.q, p.k, p.v, *p.mlp_in] for p in parts]
+    head = model.get_submodule(arch.head)
+    groups: dict[str, list[nn.Linear]] = {
+        "every reader": [r for readers in block_readers for r in readers] + [head],
+        "q, k (attention patterns)": [r for p in parts for r in (p.q, p.k)],
+        "v": [p.v for p in parts],
+        "gate, up (MLPs)": [r for p in parts for r in p.mlp_in],
+        "LM head": [head],
     }
+    for first in range(0, len(parts), 10):
+        last = min(first + 10, len(parts)) - 1
+        groups[f"blocks {first}-{last}"] = [r for rs in block_readers[first : last + 1] for r in rs]
     if args.per_block:
-        for i in range(len(blocks(model, arch))):
-            groups[f"block {i} MLP"] = lambda n, i=i: (
-                n.endswith(("gate_proj", "up_proj")) and block_of(n) == i
-            )
+        for i, p in enumerate(parts):
+            groups[f"block {i} MLP"] = list(p.mlp_in)
     base = float(rows[0]["perplexity"])  # type: ignore[arg-type]
-    for label, select in groups.items():
-        rows.append({"readers": label, "perplexity": projected(select)})
+    for label, readers in groups.items():
+        rows.append({"readers": label, "perplexity": projected(readers)})
         print(f"{label}: {rows[-1]['perplexity']:.3f}", flush=True)
     for row in rows:
         row["increase"] = float(row["perplexity"]) / base - 1  # type: ignore[arg-type]
